@@ -1,0 +1,1 @@
+"""psc.app: command lines only. Each parses, calls a pipeline, and reports."""

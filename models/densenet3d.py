@@ -1,0 +1,109 @@
+"""3D DenseNet for brain tissue segmentation (Bui, Shin & Moon 2017, arXiv:1709.03199),
+the MRI backbone of the PmSCn paper (section 4.2).
+
+Shape: a stem of 3x3x3 convolutions at full resolution; dense blocks whose layers
+(BN-ReLU-conv) each add ``growth_rate`` feature maps; transitions that compress
+with a 1x1x1 convolution and halve the resolution with a strided 3x3x3
+convolution (Bui et al. use strided convolutions instead of pooling); a side output
+per dense block, upsampled to full resolution, all concatenated before a 1x1x1
+classifier. As in the PmSCn paper's reproduction the upsampling is plain
+(trilinear) rather than learned deconvolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv_registry import ConvBuilder
+from .layers import ConvChain, act_layer, norm_layer
+from .model_registry import register_model
+
+
+class _DenseLayer(nn.Sequential):
+    def __init__(self, conv: ConvBuilder, in_channels: int, growth_rate: int, norm, act) -> None:
+        super().__init__(*norm_layer(norm, in_channels), *act_layer(act),
+                         conv(in_channels, growth_rate, 3, padding=1, bias=False))
+
+
+class _DenseBlock(nn.Module):
+    def __init__(self, conv: ConvBuilder, in_channels: int, layers: int, growth_rate: int, norm, act) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            _DenseLayer(conv, in_channels + i * growth_rate, growth_rate, norm, act) for i in range(layers)
+        )
+        self.out_channels = in_channels + layers * growth_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, dim=1)))
+        return torch.cat(features, dim=1)
+
+
+class _Transition(nn.Sequential):
+    def __init__(self, conv: ConvBuilder, in_channels: int, out_channels: int, norm, act) -> None:
+        super().__init__(
+            *norm_layer(norm, in_channels), *act_layer(act),
+            nn.Conv3d(in_channels, out_channels, 1, bias=False),
+            *norm_layer(norm, out_channels), *act_layer(act),
+            conv(out_channels, out_channels, 3, stride=2, padding=1, bias=False),
+        )
+
+
+class _SideOutput(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, norm, act) -> None:
+        super().__init__(*norm_layer(norm, in_channels), *act_layer(act), nn.Conv3d(in_channels, out_channels, 1))
+
+
+class DenseNet3d(nn.Module):
+    def __init__(
+        self,
+        conv: ConvBuilder,
+        in_channels: int = 1,
+        out_channels: int = 4,
+        init_channels: int = 24,
+        stem_convs: int = 2,
+        growth_rate: int = 12,
+        block_layers: tuple[int, ...] = (4, 4, 4, 4),
+        compression: float = 1.0,
+        side_channels: int = 8,
+        norm=("batch", {}),
+        act=("relu", {"inplace": True}),
+    ) -> None:
+        super().__init__()
+        self.stem = ConvChain(conv, in_channels, init_channels, count=stem_convs, norm=norm, act=act, bias=False)
+        self.blocks = nn.ModuleList()
+        self.transitions = nn.ModuleList()
+        self.sides = nn.ModuleList()
+        channels = init_channels
+        for i, layers in enumerate(block_layers):
+            block = _DenseBlock(conv, channels, layers, growth_rate, norm, act)
+            self.blocks.append(block)
+            channels = block.out_channels
+            self.sides.append(_SideOutput(channels, side_channels, norm, act))
+            if i < len(block_layers) - 1:
+                reduced = max(1, int(channels * compression))
+                self.transitions.append(_Transition(conv, channels, reduced, norm, act))
+                channels = reduced
+        self.classifier = nn.Conv3d(side_channels * len(block_layers), out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
+        x = self.stem(x)
+        sides = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            side = self.sides[i](x)
+            if i > 0:
+                side = F.interpolate(side, size=size, mode="trilinear", align_corners=False)
+            sides.append(side)
+            if i < len(self.transitions):
+                x = self.transitions[i](x)
+        return self.classifier(torch.cat(sides, dim=1))
+
+
+@register_model("densenet3d", in_channels=1, out_channels=4)
+def densenet3d(conv: ConvBuilder, **options) -> DenseNet3d:
+    return DenseNet3d(conv, **options)

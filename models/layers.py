@@ -1,0 +1,61 @@
+"""Building blocks shared by the backbones: norm/act by name, and conv chains.
+
+Normalisation and activation are given by name (``"batch"``, ``("relu", {"inplace":
+True})``) and resolved by MONAI's layer factories, as MONAI's own nets do.
+"""
+
+from __future__ import annotations
+
+import math
+
+from monai.networks.layers.utils import get_act_layer, get_norm_layer
+from torch import nn
+
+from .conv_registry import ConvBuilder
+
+
+def norm_layer(norm, channels: int) -> list[nn.Module]:
+    return [] if norm is None else [get_norm_layer(norm, spatial_dims=3, channels=channels)]
+
+
+def act_layer(act) -> list[nn.Module]:
+    return [] if act is None else [get_act_layer(act)]
+
+
+class ConvChain(nn.Sequential):
+    """``count`` consecutive 3x3x3 convolutions of a plain network, each followed by
+    norm and activation, built with ``conv``.
+
+    A builder whose blocks stand for ``n`` convolutions (``p{m}sc{n}``) fills the
+    chain with ``ceil(count / n)`` blocks, so a U-Net level of two convolutions is
+    one P2SC2 block, and a single DenseNet convolution is one block whatever ``n``.
+    ``stride`` applies to the first block. ``last_act=False`` leaves the activation
+    of the last block out (for residual blocks that add before activating).
+    """
+
+    def __init__(
+        self,
+        conv: ConvBuilder,
+        in_channels: int,
+        out_channels: int,
+        count: int = 1,
+        stride=1,
+        padding: str = "same",
+        norm=None,
+        act=("relu", {"inplace": True}),
+        bias: bool | None = None,
+        last_act: bool = True,
+    ) -> None:
+        blocks = math.ceil(count / conv.convs_per_block)
+        pad = 1 if padding == "same" else 0
+        if bias is None:
+            bias = norm is None
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(blocks):
+            layers.append(conv(channels, out_channels, 3, stride=stride if i == 0 else 1, padding=pad, bias=bias))
+            layers += norm_layer(norm, out_channels)
+            if last_act or i < blocks - 1:
+                layers += act_layer(act)
+            channels = out_channels
+        super().__init__(*layers)

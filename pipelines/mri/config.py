@@ -1,0 +1,20 @@
+"""What an MRI model expects and produces; the model card repeats these values, and
+training and inference both read them from the card, never from here directly."""
+
+from __future__ import annotations
+
+# IBSR tissue classes, index -> name (BIDS-derivatives dseg.tsv uses these).
+LABELS = {0: "background", 1: "CSF", 2: "GM", 3: "WM"}
+LABEL_DESCRIPTIONS = {0: "background", 1: "cerebrospinal fluid", 2: "gray matter", 3: "white matter"}
+
+# Model space: RAS+ voxel axes at IBSR's own in-plane/slice resolution (1.5 mm is the
+# coronal slice spacing; resampling it finer would invent detail the labels lack).
+ORIENTATION = "RAS"
+SPACING = (1.0, 1.5, 1.0)
+NORMALISATION = "zscore-nonzero"  # z-score over brain voxels (nonzero or --mask)
+
+# The shipped model's architecture (small enough to commit, fast on a 2-core CPU).
+BACKBONE = "densenet3d"
+BACKBONE_OPTIONS = {"init_channels": 16, "growth_rate": 8, "block_layers": (3, 3, 3, 3), "side_channels": 8}
+PATCH_SIZE = (64, 64, 64)
+INFERENCE_WINDOW = (96, 96, 96)

@@ -1,0 +1,1 @@
+"""psc.plugins: integrations with viewers (napari)."""
