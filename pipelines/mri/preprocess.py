@@ -25,7 +25,7 @@ def to_model_space(image: MetaTensor, spacing: Sequence[float], orientation: str
                    label: bool = False) -> MetaTensor:
     """Reorient to ``orientation`` and resample to ``spacing`` (mm). Labels use nearest
     neighbour, images linear interpolation."""
-    image = Orientation(axcodes=orientation)(image)
+    image = Orientation(axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
     mode = "nearest" if label else "bilinear"
     return Spacing(pixdim=tuple(spacing), mode=mode, padding_mode="zeros")(image)
 

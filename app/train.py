@@ -1,0 +1,53 @@
+"""``psc-train``: train a psc model from labelled data (``psc-train mri ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from psc.pipelines.mri import config
+
+
+def _mri_parser(sub) -> None:
+    p = sub.add_parser("mri", help="brain tissue model from (scan, <stem>_seg) pairs")
+    p.add_argument("--data", required=True, help="folder searched for <stem>.nii.gz + <stem>_seg.nii.gz pairs")
+    p.add_argument("--out", default="runs/mri", help="run folder: log.csv, curves.png, best.pt, last.pt")
+    p.add_argument("--conv", default="p2sc2", help="conv3d or p{m}sc{n}")
+    p.add_argument("--options", default=json.dumps(config.BACKBONE_OPTIONS), help="backbone options as JSON")
+    p.add_argument("--val", nargs="+", default=["IBSR_07", "IBSR_16"], help="validation case names")
+    p.add_argument("--iterations", type=int, default=1500)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--patch", type=int, nargs=3, default=list(config.PATCH_SIZE))
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--export", default="", help="write the best weights + model card here at the end")
+    p.add_argument("--data-source", default="", help="where the training data comes from (model card)")
+    p.add_argument("--data-terms", default="", help="the terms of use of the training data (model card)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="psc-train", description=__doc__)
+    sub = parser.add_subparsers(dest="pipeline", required=True)
+    _mri_parser(sub)
+    args = parser.parse_args(argv)
+    from psc.pipelines.mri.train import TrainConfig, train
+
+    try:
+        cfg = TrainConfig(data=args.data, out=args.out, conv=args.conv, options=json.loads(args.options),
+                          val_cases=args.val, iterations=args.iterations, val_every=args.val_every,
+                          batch=args.batch, patch=tuple(args.patch), lr=args.lr, seed=args.seed,
+                          threads=args.threads, export=args.export, data_source=args.data_source,
+                          data_terms=args.data_terms)
+        train(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"psc-train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
