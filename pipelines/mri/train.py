@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 "terms": cfg.data_terms or "unspecified (give --data-terms)",
                 "train_cases": [p.case for p in train_pairs], "val_cases": [p.case for p in val_pairs],
                 "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch), "lr": cfg.lr,
-                "seed": cfg.seed, "command": " ".join(sys.argv),
+                "seed": cfg.seed, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             },
             metrics={"val_dice_model_space": {k: float(best_row[k]) for k in
                                                ("val_dice_csf", "val_dice_gm", "val_dice_wm", "val_dice_mean")},
