@@ -1,0 +1,128 @@
+"""``psc-segment``: tissue segmentation of T1 scans (files, folders, globs).
+
+Writes ``<stem>_dseg.nii.gz``, ``_dseg.tsv``, ``_volumes.tsv``, ``_qc.png`` (and
+``_probseg.nii.gz`` with ``--probabilities``) beside each input or under ``-o DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import psc.models
+from psc.pipelines.errors import InputError
+
+PROG = "psc-segment"
+DEFAULT_WEIGHTS = Path(psc.models.__file__).parent / "weights" / "mri_densenet3d_p2sc2.pt"
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files, DICOM folders, folders of scans and globs -> scan paths, in order."""
+    from psc.pipelines.mri.io import is_scan_file
+
+    found: list[Path] = []
+    for item in items:
+        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        if not matches:
+            raise InputError(f"{item}: no file matches")
+        for match in map(Path, matches):
+            if match.is_dir() and not match.name.endswith(".zarr"):
+                scans = sorted(p for p in match.iterdir() if is_scan_file(p) and not _is_output(p))
+                found += scans or [match]  # no scan files: treat as one DICOM series
+            else:
+                found.append(match)
+    return found
+
+
+def _is_output(path: Path) -> bool:
+    return any(path.name.endswith(s) for s in ("_dseg.nii.gz", "_probseg.nii.gz"))
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", help="scans (NIfTI, MGZ, NRRD, MHA/MHD), DICOM folders, folders, globs")
+    parser.add_argument("-o", "--output", type=Path, help="output folder (default: beside each input)")
+    parser.add_argument("--sample", action="store_true", help="segment the bundled MNI152 T1 template")
+    parser.add_argument("--pipeline", choices=("auto", "mri", "em"), default="auto",
+                        help="auto: .zarr inputs are EM, everything else MRI")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="weights .pt with its .json card")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
+    parser.add_argument("--tta", action="store_true", help="average with the left-right mirrored prediction")
+    parser.add_argument("--mask", type=Path, help="brain mask (same grid) instead of the nonzero voxels")
+    parser.add_argument("--probabilities", action="store_true", help="also write <stem>_probseg.nii.gz")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    args = parser.parse_args(argv)
+    if not args.inputs and not args.sample:
+        parser.error("give at least one input, or --sample")
+    return args
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from psc.models.weights import WeightsError, load_weights
+    from psc.pipelines.mri.inference import resolve_device, segment_scan
+    from psc.pipelines.mri.io import read_scan
+    from psc.pipelines.mri.outputs import check_outputs, output_paths, write_outputs
+    from psc.pipelines.mri.sample import sample_t1_path
+
+    inputs = expand_inputs(args.inputs)
+    if args.sample:
+        inputs.append(sample_t1_path())
+        args.output = args.output or Path("psc-sample-output")
+    if args.pipeline == "em" or (args.pipeline == "auto" and any(p.name.endswith(".zarr") for p in inputs)):
+        raise InputError("the EM pipeline is not available yet in this version of psc")
+    resolve_device(args.device)
+    try:
+        model, card = load_weights(args.weights)
+    except WeightsError as error:
+        raise InputError(str(error)) from None
+    mask = read_scan(args.mask) if args.mask else None
+
+    failures = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("segmenting", total=len(inputs))
+        for path in inputs:
+            progress.update(task, description=f"segmenting {path.name}")
+            started = time.perf_counter()
+            try:
+                paths = output_paths(path, args.output, args.probabilities)
+                check_outputs(paths, args.force)
+                scan = read_scan(path)
+                seg = segment_scan(scan, model, card, device=args.device, overlap=args.overlap, tta=args.tta,
+                                   mask=mask)
+                write_outputs(seg, scan, paths, card.labels)
+            except InputError as error:
+                failures += 1
+                print(f"{PROG}: error: {error}", file=sys.stderr)
+                progress.advance(task)
+                continue
+            volumes = {card.labels[i]: int((seg.labels == i).sum() * scan.voxel_volume / 1000)
+                       for i in card.labels if i}
+            console.print(f"{path.name}: {paths['dseg']} ({time.perf_counter() - started:.1f} s) "
+                          + ", ".join(f"{k} {v} ml" for k, v in volumes.items()), highlight=False, soft_wrap=True)
+            progress.advance(task)
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        return run(args, Console(highlight=False))
+    except InputError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

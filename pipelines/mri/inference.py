@@ -1,0 +1,108 @@
+"""Scan -> tissue labels on the scan's own grid.
+
+The network sees the scan in model space (the card's orientation and spacing,
+intensities normalised, cropped to the brain); MONAI's sliding-window inferer runs
+windows on the chosen device and blends them with gaussian weights into a volume
+kept in CPU memory; the class probabilities are then resampled onto the input grid
+through the two affines (MONAI ``SpatialResample``), and only then turned into
+labels, so the output lies exactly on the input's voxels.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import SpatialResample
+from torch import nn
+
+from psc.models.weights import ModelCard
+
+from ..errors import InputError
+from . import config
+from .io import Scan
+from .preprocess import brain_bbox, normalise, to_meta, to_model_space
+
+
+@dataclass
+class Segmentation:
+    labels: np.ndarray  # uint8, the input's shape
+    probabilities: np.ndarray  # float32, (classes, *input shape)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r} asked for, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise InputError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+class _Softmax(nn.Module):
+    """The network as the inferer sees it: probabilities, optionally averaged with the
+    left-right mirrored prediction (flip test-time augmentation)."""
+
+    def __init__(self, model: nn.Module, tta: bool, amp: bool) -> None:
+        super().__init__()
+        self.model, self.tta, self.amp = model, tta, amp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp and x.is_cuda else nullcontext()
+        with autocast:
+            probs = torch.softmax(self.model(x).float(), dim=1)
+            if self.tta:  # axis 2 is left-right in RAS model space
+                probs = 0.5 * (probs + torch.softmax(self.model(x.flip(2)).float(), dim=1).flip(2))
+        return probs
+
+
+def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "auto", overlap: float = 0.5,
+                 tta: bool = False, mask: Scan | None = None, amp: bool = True, progress: bool = False) -> Segmentation:
+    if not 0 <= overlap < 1:
+        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+    if mask is not None and mask.array.shape != scan.array.shape:
+        raise InputError(f"mask shape {mask.array.shape} differs from the scan's {scan.array.shape}")
+    target = resolve_device(device)
+    image = to_model_space(to_meta(scan.array.astype(np.float32), scan.affine), card.spacing, card.orientation)
+    brain_ms = None
+    if mask is not None:
+        brain_ms = to_model_space(to_meta((mask.array > 0).astype(np.float32), scan.affine), card.spacing,
+                                  card.orientation, label=True).as_tensor() > 0.5
+        if not bool(brain_ms.any()):
+            raise InputError("the mask is empty after resampling to the model's grid")
+    x = normalise(image.as_tensor(), brain_ms)
+    box = brain_bbox(brain_ms.float() if brain_ms is not None else x)
+    crop = x[(slice(None), *box)][None]
+
+    window = tuple(min(w, s) for w, s in zip(config.INFERENCE_WINDOW, crop.shape[2:]))
+    inferer = SlidingWindowInferer(roi_size=window, sw_batch_size=1, overlap=overlap, mode="gaussian",
+                                   sw_device=target, device=torch.device("cpu"), progress=progress)
+    net = _Softmax(model.to(target).eval().to(memory_format=torch.channels_last_3d), tta, amp)
+    with torch.inference_mode():
+        probs_crop = inferer(crop, net)[0]
+
+    classes = probs_crop.shape[0]
+    probs = torch.zeros((classes, *x.shape[1:]), dtype=torch.float32)
+    probs[0] = 1.0  # outside the crop: background
+    probs[(slice(None), *box)] = probs_crop.float()
+    on_input = SpatialResample(mode="bilinear", padding_mode="zeros")(
+        MetaTensor(probs, affine=image.affine), dst_affine=torch.as_tensor(scan.affine),
+        spatial_size=scan.array.shape)
+    probabilities = np.ascontiguousarray(on_input.as_tensor().numpy(), dtype=np.float32)
+    labels = probabilities.argmax(0).astype(np.uint8)
+    brain = (mask.array > 0) if mask is not None else (scan.array != 0)
+    labels[~brain] = 0
+    return Segmentation(labels, probabilities)
