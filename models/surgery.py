@@ -2,7 +2,7 @@
 
 Works on models psc did not build (MONAI's UNet and DynUNet, a user's own net):
 every ``nn.Conv3d`` with a 3x3x3 kernel, stride 1 or 2 per axis, no dilation, no
-groups, zero padding of 1 ("same") or 0 ("valid") is replaced by a module of the
+groups, zero padding of 1 ("same") or 0 ("valid", for ``n = 1`` only) is replaced by a module of the
 same in/out channels and output size. Convolutions are replaced one by one; psc's
 own backbones group consecutive convolutions into one ``p{m}sc{n}`` block, which a
 generic walk over an unknown graph cannot do safely.
@@ -54,7 +54,7 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _why_not(conv: nn.Conv3d) -> str | None:
+def _why_not(conv: nn.Conv3d, builder: ConvBuilder) -> str | None:
     if tuple(conv.kernel_size) != (3, 3, 3):
         return f"kernel {tuple(conv.kernel_size)} is not 3x3x3"
     if any(s not in (1, 2) for s in conv.stride):
@@ -67,6 +67,8 @@ def _why_not(conv: nn.Conv3d) -> str | None:
         not isinstance(conv.padding, str) and conv.padding[0] not in (0, 1)
     ):
         return f"padding {conv.padding}"
+    if not isinstance(conv.padding, str) and conv.padding[0] == 0 and builder.convs_per_block > 1:
+        return f"valid padding: a {builder.name} block trims {builder.convs_per_block * 2} voxels per axis, not 2"
     return None
 
 
@@ -76,7 +78,7 @@ def replace_conv3d(module: nn.Module, conv: str | ConvBuilder = "p2sc2") -> Repl
     report = ReplacementReport(builder.name)
     targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Conv3d]
     for name, old in targets:
-        reason = _why_not(old)
+        reason = _why_not(old, builder)
         if reason is not None:
             report.skipped.append((name, reason))
             continue
