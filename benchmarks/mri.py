@@ -1,0 +1,90 @@
+"""Whole-scan MRI segmentation time and validation Dice, per model, side by side.
+
+    python benchmarks/mri.py [--scans PATH...] [--weights W.pt...] [--repeats 2] [--threads N]
+
+Times ``psc-segment``'s own path (read, model space, sliding window, back to the input
+grid) on each scan, median of ``--repeats``, and scores the labels against the
+``<stem>_seg`` file beside each scan when there is one (Dice on the input grid).
+Defaults: the two IBSR validation scans when ../shared/data is present, else the
+bundled MNI152 sample; the shipped weights plus any in runs/weights/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from psc.app.segment import DEFAULT_WEIGHTS  # noqa: E402
+from psc.models.weights import load_weights  # noqa: E402
+from psc.pipelines.mri.inference import segment_scan  # noqa: E402
+from psc.pipelines.mri.io import read_scan  # noqa: E402
+from psc.pipelines.mri.metrics import dice_per_class  # noqa: E402
+from psc.pipelines.mri.sample import sample_t1_path  # noqa: E402
+
+IBSR = ROOT.parent / "shared" / "data" / "ibsr18"
+
+
+def default_scans() -> list[Path]:
+    scans = [IBSR / case / f"{case}.nii.gz" for case in ("IBSR_07", "IBSR_16")]
+    return scans if all(p.is_file() for p in scans) else [sample_t1_path()]
+
+
+def truth_for(scan: Path) -> Path | None:
+    name = scan.name.replace(".nii.gz", "_seg.nii.gz")
+    return scan.with_name(name) if scan.with_name(name).is_file() else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scans", nargs="+", type=Path, default=None)
+    parser.add_argument("--weights", nargs="+", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scans = args.scans or default_scans()
+    weights = args.weights or [DEFAULT_WEIGHTS, *sorted((ROOT / "runs" / "weights").glob("*.pt"))]
+    console = Console(width=150)
+    console.print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+                  f"overlap {args.overlap}")
+    table = Table(title="whole-scan MRI segmentation (read -> labels on the input grid)")
+    for column in ("weights", "conv", "params", "scan", "voxels", "seconds", "Mvoxel/s",
+                   "Dice CSF", "Dice GM", "Dice WM", "Dice mean"):
+        table.add_column(column, justify="left" if column in ("weights", "conv", "scan") else "right")
+    for path in weights:
+        model, card = load_weights(path)
+        for scan_path in scans:
+            scan = read_scan(scan_path)
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                seg = segment_scan(scan, model, card, device=args.device, overlap=args.overlap)
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            dice = ["-"] * 4
+            if truth_for(scan_path):
+                truth = read_scan(truth_for(scan_path)).array
+                scores = dice_per_class(seg.labels, truth, (1, 2, 3))
+                dice = [f"{scores[c]:.4f}" for c in (1, 2, 3)] + [f"{np.nanmean(list(scores.values())):.4f}"]
+            table.add_row(path.name, card.conv, f"{card.parameters:,}", scan_path.name, f"{scan.array.size:,}",
+                          f"{seconds:.1f}", f"{scan.array.size / seconds / 1e6:.2f}", *dice)
+        table.add_section()
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
