@@ -19,7 +19,7 @@ import psc.models
 from psc.pipelines.errors import InputError
 
 PROG = "psc-segment"
-DEFAULT_WEIGHTS = Path(psc.models.__file__).parent / "weights" / "mri_densenet3d_p2sc2.pt"
+DEFAULT_WEIGHTS = Path(psc.models.__file__).parent / "pretrained" / "mri_densenet3d_p2sc2.pt"
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
