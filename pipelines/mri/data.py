@@ -25,6 +25,8 @@ from .io import is_scan_file, read_scan, scan_stem
 from .preprocess import brain_bbox, normalise, to_meta, to_model_space
 
 LABEL_SUFFIXES = ("_seg", "_dseg", "_labels", "_label")
+
+
 @dataclass
 class Pair:
     case: str
