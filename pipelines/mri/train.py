@@ -136,13 +136,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    step, best = 0, -1.0
+    step, best, elapsed_before = 0, -1.0, 0.0
     log_path = out / "log.csv"
     if resume and (out / "last.pt").is_file():
         state = torch.load(out / "last.pt", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best = state["step"], state["best"]
+        elapsed_before = state.get("seconds", 0.0)  # the log's clock runs on across resumes
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             per_class = np.nanmean(np.array(list(scores.values())), axis=0)
             mean = float(np.mean(per_class))
             row = [step, f"{np.mean(losses):.4f}", f"{_lr_at(step - 1, cfg):.2e}",
-                   *(f"{v:.4f}" for v in per_class), f"{mean:.4f}", f"{time.time() - started:.0f}"]
+                   *(f"{v:.4f}" for v in per_class), f"{mean:.4f}", f"{elapsed_before + time.time() - started:.0f}"]
             with log_path.open("a", newline="") as handle:
                 csv.writer(handle).writerow(row)
             losses = []
@@ -190,7 +191,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 torch.save(model.state_dict(), out / "best.pt")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                        "numpy_rng": np.random.get_state()}, out / "last.pt.tmp")
+                        "numpy_rng": np.random.get_state(),
+                        "seconds": elapsed_before + time.time() - started}, out / "last.pt.tmp")
             (out / "last.pt.tmp").replace(out / "last.pt")
             _plot(log_path, out / "curves.png")
     bar.close()
