@@ -70,6 +70,8 @@ def test_training_reduces_loss_resumes_and_exports(tmp_path):
     train(config(tmp_path, 40, export=str(weights), data_source="phantoms", data_terms="public domain"), resume=True)
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     assert [int(r["iteration"]) for r in rows] == [10, 20, 30, 40]  # continued, not restarted
+    seconds = [int(r["seconds"]) for r in rows]
+    assert seconds == sorted(seconds)  # the clock runs on across the resume
     losses = [float(r["train_loss"]) for r in rows]
     assert losses[-1] < 0.8 * losses[0], losses
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
