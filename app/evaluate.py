@@ -2,7 +2,10 @@
 
 PRED and GT are files or folders. Folders are matched by subject: a prediction
 ``<stem>_dseg.nii.gz`` pairs with a truth file named
-(first of ``<stem>_seg``, ``<stem>_dseg``, ``<stem>_labels``, ``<stem>``). Both must share a grid.
+(first of ``<stem>_seg``, ``<stem>_dseg``, ``<stem>_labels``, ``<stem>``), searched in
+GT and its subfolders; a prediction without one is skipped with a warning. Both maps
+must share a grid (shape and affine). A class absent from both has Dice NaN (printed
+``nan``, ``null`` in ``--json``) and is left out of the mean.
 """
 
 from __future__ import annotations
@@ -30,16 +33,17 @@ def pair_files(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
         return [(scan_stem(pred).removesuffix("_dseg"), pred, truth)]
     if not (pred.is_dir() and truth.is_dir()):
         raise InputError("give two files or two folders")
-    truths = sorted(p for p in truth.rglob("*") if is_scan_file(p))
+    by_stem = {scan_stem(t): t for t in sorted(truth.rglob("*")) if is_scan_file(t)}
     pairs = []
     for p in sorted(q for q in pred.rglob("*_dseg.*") if is_scan_file(q)):
         stem = scan_stem(p).removesuffix("_dseg")
-        by_stem = {scan_stem(t): t for t in truths}
         # A label file beats the scan itself, which shares the bare stem.
-        for candidate in (f"{stem}_seg", f"{stem}_dseg", f"{stem}_labels", stem):
-            if candidate in by_stem:
-                pairs.append((stem, p, by_stem[candidate]))
-                break
+        match = next((by_stem[c] for c in (f"{stem}_seg", f"{stem}_dseg", f"{stem}_labels", stem) if c in by_stem),
+                     None)
+        if match is None:
+            print(f"{PROG}: warning: no ground truth for {p.name} in {truth}; skipped", file=sys.stderr)
+        else:
+            pairs.append((stem, p, match))
     if not pairs:
         raise InputError(f"no <stem>_dseg file in {pred} has a matching ground truth in {truth}")
     return pairs
@@ -49,11 +53,15 @@ def score(pred_path: Path, truth_path: Path, names: dict[int, str]) -> dict:
     from psc.pipelines.mri.io import read_scan
     from psc.pipelines.mri.metrics import dice_per_class, hd95_per_class, volume_difference
 
-    pred, truth = read_scan(pred_path), read_scan(truth_path)
+    pred, truth = read_scan(pred_path, allow_empty=True), read_scan(truth_path, allow_empty=True)
     if pred.array.shape != truth.array.shape:
         raise InputError(f"{pred_path.name} has shape {pred.array.shape}, {truth_path.name} {truth.array.shape}")
     if not np.allclose(pred.affine, truth.affine, atol=1e-3):
         raise InputError(f"{pred_path.name} and {truth_path.name} lie on different grids (affines differ)")
+    for scan in (pred, truth):
+        # A probability map or a float scan given by mistake fails loudly, not with Dice 0.
+        if not np.array_equal(scan.array, np.round(scan.array)) or scan.array.min() < 0:
+            raise InputError(f"{scan.path.name} is not a label map (it has negative or fractional voxels)")
     p, t = pred.array.astype(np.int64), truth.array.astype(np.int64)
     spacing = np.sqrt((pred.affine[:3, :3] ** 2).sum(0))
     dice = dice_per_class(p, t, names)
@@ -62,6 +70,17 @@ def score(pred_path: Path, truth_path: Path, names: dict[int, str]) -> dict:
             "dice_mean": float(np.mean(present)) if present else float("nan"),
             "hd95_mm": {names[c]: v for c, v in hd95_per_class(p, t, names, spacing).items()},
             "volume_difference_percent": {names[c]: v for c, v in volume_difference(p, t, names).items()}}
+
+
+def _cell(value: float, spec: str) -> str:
+    """A table cell; NaN (class absent, nothing to measure) as a dash."""
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"{PROG}: error: --labels takes INDEX=NAME items ({error})", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(results, indent=2))
+    if args.json:  # NaN (no evidence) as null: strict JSON that jq and browsers accept
+        print(json.dumps(_nan_to_none(results), indent=2, allow_nan=False))
         return 0
     table = Table(title="psc-eval")
     table.add_column("case")
@@ -97,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names.values():
         table.add_column(f"dVol {name} (%)", justify="right")
     for case, r in results.items():
-        table.add_row(case, *(f"{r['dice'][n]:.4f}" for n in names.values()), f"{r['dice_mean']:.4f}",
-                      *(f"{r['hd95_mm'][n]:.2f}" for n in names.values()),
-                      *(f"{r['volume_difference_percent'][n]:+.1f}" for n in names.values()))
+        table.add_row(case, *(_cell(r["dice"][n], ".4f") for n in names.values()), _cell(r["dice_mean"], ".4f"),
+                      *(_cell(r["hd95_mm"][n], ".2f") for n in names.values()),
+                      *(_cell(r["volume_difference_percent"][n], "+.1f") for n in names.values()))
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     return 0
 

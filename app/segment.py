@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import pickle
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -78,38 +80,57 @@ def run(args: argparse.Namespace, console: Console) -> int:
         args.output = args.output or Path("psc-sample-output")
     if args.pipeline == "em" or (args.pipeline == "auto" and any(p.name.endswith(".zarr") for p in inputs)):
         raise InputError("the EM pipeline is not available yet in this version of psc")
+    if not 0 <= args.overlap < 1:
+        raise InputError(f"--overlap must be in [0, 1), got {args.overlap}")
     resolve_device(args.device)
+    if not args.weights.is_file() and args.weights == DEFAULT_WEIGHTS:
+        raise InputError(f"the default weights are missing from this installation ({DEFAULT_WEIGHTS}); "
+                         "reinstall psc or give --weights PATH")
     try:
         model, card = load_weights(args.weights)
     except WeightsError as error:
         raise InputError(str(error)) from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as error:
+        # A card that is not JSON, or weights of another architecture than the card's.
+        raise InputError(f"{args.weights}: cannot load these weights ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:160] if str(error) else ''})") from None
     mask = read_scan(args.mask) if args.mask else None
 
     failures = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("segmenting", total=len(inputs))
+        windows = progress.add_task("  windows", total=None)
+        on_window = lambda done, total: progress.update(windows, completed=done, total=total)  # noqa: E731
         for path in inputs:
             progress.update(task, description=f"segmenting {path.name}")
+            progress.reset(windows, total=None)
             started = time.perf_counter()
             try:
                 paths = output_paths(path, args.output, args.probabilities)
                 check_outputs(paths, args.force)
                 scan = read_scan(path)
                 seg = segment_scan(scan, model, card, device=args.device, overlap=args.overlap, tta=args.tta,
-                                   mask=mask)
+                                   mask=mask, on_window=on_window)
                 write_outputs(seg, scan, paths, card.labels)
             except InputError as error:
                 failures += 1
                 print(f"{PROG}: error: {error}", file=sys.stderr)
                 progress.advance(task)
                 continue
-            volumes = {card.labels[i]: int((seg.labels == i).sum() * scan.voxel_volume / 1000)
-                       for i in card.labels if i}
-            console.print(f"{path.name}: {paths['dseg']} ({time.perf_counter() - started:.1f} s) "
-                          + ", ".join(f"{k} {v} ml" for k, v in volumes.items()), highlight=False, soft_wrap=True)
+            report(console, path, paths, seg.labels, card.labels, scan.voxel_volume, time.perf_counter() - started)
             progress.advance(task)
     return 1 if failures else 0
+
+
+def report(console: Console, path: Path, paths: dict[str, Path], labels, names: dict[int, str],
+           voxel_volume: float, seconds: float) -> None:
+    """Per scan: where its outputs went, the tissue volumes and how long it took."""
+    counts = np.bincount(labels.ravel(), minlength=max(names) + 1)
+    volumes = ", ".join(f"{name} {counts[i] * voxel_volume / 1000:.1f} ml" for i, name in names.items() if i)
+    console.print(f"{path.name}: {seconds:.1f} s; {volumes}", highlight=False, soft_wrap=True)
+    for output in paths.values():
+        console.print(f"  {output}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,9 +23,11 @@ def scan(tmp_path):
     return save_nifti(tmp_path / "sub-01_T1w.nii.gz", image, oblique_affine())
 
 
-def test_end_to_end_outputs(scan, weights, tmp_path):
+def test_end_to_end_outputs(scan, weights, tmp_path, capsys):
     out = tmp_path / "out"
     assert segment_main([str(scan), "--weights", str(weights), "-o", str(out), "--probabilities"]) == 0
+    printed = capsys.readouterr().out
+    assert "sub-01_T1w_dseg.nii.gz" in printed and "sub-01_T1w_qc.png" in printed and " ml" in printed
     names = sorted(p.name for p in out.iterdir())
     assert names == ["sub-01_T1w_dseg.nii.gz", "sub-01_T1w_dseg.tsv", "sub-01_T1w_probseg.nii.gz",
                      "sub-01_T1w_qc.png", "sub-01_T1w_volumes.tsv"]
@@ -34,6 +36,9 @@ def test_end_to_end_outputs(scan, weights, tmp_path):
     src, dseg, prob = (nib.load(str(p)) for p in (scan, out / names[0], out / names[2]))
     assert dseg.shape == src.shape and dseg.get_data_dtype() == np.uint8
     np.testing.assert_allclose(dseg.affine, src.affine, atol=1e-5)
+    for image in (dseg, prob):  # save_nifti wrote qform code 1, sform code 2
+        assert (int(image.header["qform_code"]), int(image.header["sform_code"])) == (1, 2)
+    np.testing.assert_allclose(np.asarray(prob.dataobj).sum(-1), 1.0, atol=1e-4)
     assert prob.shape == (*src.shape, 4) and prob.get_data_dtype() == np.float32
     assert (out / names[1]).read_text() == "index\tname\n0\tbackground\n1\tCSF\n2\tGM\n3\tWM\n"
     rows = [line.split("\t") for line in (out / names[4]).read_text().splitlines()[1:]]
@@ -81,10 +86,22 @@ def bad_input(kind, tmp_path, scan):
         return [str(tmp_path / "raw.zarr")]
     if kind == "weights":
         return [str(scan), "--weights", str(tmp_path / "missing.pt")]
+    if kind == "bad-card":
+        (tmp_path / "broken.pt").write_bytes(b"not weights")
+        (tmp_path / "broken.json").write_text("{not json")
+        return [str(scan), "--weights", str(tmp_path / "broken.pt")]
+    if kind == "overlap":
+        return [str(scan), "--overlap", "1.5"]
+    if kind == "device":
+        return [str(scan), "--device", "tpu"]
+    if kind == "mask":
+        return [str(scan), "--mask", str(save_nifti(tmp_path / "mask.nii.gz", (image > 0).astype(np.uint8),
+                                                      np.eye(4)))]
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing", "not-an-image", "nan", "2d", "4d", "unwritable", "em", "weights"])
+@pytest.mark.parametrize("kind", ["missing", "not-an-image", "nan", "2d", "4d", "unwritable", "em", "weights",
+                                  "bad-card", "overlap", "device", "mask"])
 def test_bad_input_gives_one_error_line_and_writes_nothing(kind, scan, weights, tmp_path, capsys):
     args = bad_input(kind, tmp_path, scan)
     if "--weights" not in args:
@@ -97,9 +114,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(kind, scan, weights, 
     assert code != 0
     assert len(err) == 1 and err[0].startswith("psc-segment: error: "), err
     assert "Traceback" not in err[0]
-    after = sorted(p.name for p in tmp_path.rglob("*") if p.name != "out")
-    assert [p for p in after if "_dseg" in p or "_qc" in p or p.startswith(".")] == []
-    assert set(after) <= set(before) | {"out"}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # not even the output folder
 
 
 def test_eval_matches_folders_and_scores(tmp_path, capsys):
@@ -119,8 +134,38 @@ def test_eval_matches_folders_and_scores(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)["sub-01"]
     gm = 2 * ((pred == 2) & (truth == 2)).sum() / ((pred == 2).sum() + (truth == 2).sum())
     assert result["dice"]["GM"] == pytest.approx(gm)
-    assert np.isnan(result["dice"]["CSF"])  # absent from both: no evidence, not a perfect score
+    assert result["dice"]["CSF"] is None  # absent from both: no evidence, not a perfect score
+    assert result["dice_mean"] == pytest.approx((result["dice"]["GM"] + result["dice"]["WM"]) / 2)
+    assert eval_main([str(tmp_path / "pred"), str(tmp_path / "gt")]) == 0  # the table
+    assert "Dice GM" in capsys.readouterr().out
     save_nifti(tmp_path / "other.nii.gz", truth[:-1], affine)
     assert eval_main([str(tmp_path / "other.nii.gz"), str(tmp_path / "gt" / "sub-01_seg.nii.gz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("psc-eval: error:") and "shape" in err[0]
+
+
+def test_eval_scores_an_empty_prediction_and_refuses_a_probability_map(tmp_path, capsys):
+    import json
+
+    _, truth = brain_phantom()
+    gt = save_nifti(tmp_path / "gt.nii.gz", truth, np.eye(4))
+    empty = save_nifti(tmp_path / "empty_dseg.nii.gz", np.zeros_like(truth), np.eye(4))
+    assert eval_main([str(empty), str(gt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["empty"]["dice"]["WM"] == 0.0
+    prob = save_nifti(tmp_path / "prob.nii.gz", (truth / 3.0).astype(np.float32), np.eye(4))
+    assert eval_main([str(prob), str(gt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a label map" in err[0]
+
+
+def test_bundled_sample_is_a_skull_stripped_t1():
+    from psc.pipelines.mri.io import read_scan
+    from psc.pipelines.mri.sample import sample_t1_path
+
+    scan = read_scan(sample_t1_path())
+    assert scan.array.ndim == 3 and scan.voxel_volume == pytest.approx(1.0)
+    # Skull-stripped: the brain fills about a fifth of the box and the faces are empty
+    # (but the bottom one, where the template's field of view cuts the brainstem).
+    assert 0.1 < (scan.array != 0).mean() < 0.35
+    faces = (scan.array[0], scan.array[-1], scan.array[:, 0], scan.array[:, -1], scan.array[:, :, -1])
+    assert not any(face.any() for face in faces)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from mri_fixtures import ThresholdNet, brain_phantom, oblique_affine, save_nifti, threshold_card
+from mri_fixtures import ThresholdNet, brain_phantom, oblique_affine, save_nifti, save_tiny_model, threshold_card
+from psc.models.weights import load_weights
 from psc.pipelines.errors import InputError
 from psc.pipelines.mri.inference import resolve_device, segment_scan
 from psc.pipelines.mri.io import read_scan
@@ -31,7 +33,9 @@ def test_labels_come_back_on_the_input_grid(tmp_path, affine, tta):
     scan = read_scan(save_nifti(tmp_path / "t1.nii.gz", image, affine))
     seg = segment_scan(scan, ThresholdNet(), threshold_card(), device="cpu", overlap=0.25, tta=tta)
     assert seg.labels.shape == image.shape and seg.labels.dtype == np.uint8
-    assert seg.probabilities.shape == (4, *image.shape)
+    assert seg.probabilities.shape == (4, *image.shape) and seg.probabilities.dtype == np.float32
+    # Edge voxels too: the way back must not fade probabilities towards zero at the border.
+    np.testing.assert_allclose(seg.probabilities.sum(0), 1.0, atol=1e-4)
     assert not seg.labels[truth == 0].any()  # outside the brain: background
     # Resampling blurs the brain edge, which moves the stand-in's brain-mean threshold;
     # a flipped or shifted grid would score far lower than these bounds.
@@ -58,9 +62,48 @@ def test_mask_replaces_the_nonzero_brain(tmp_path):
     assert not seg.labels[truth != 3].any()
 
 
+def test_mask_on_another_grid_is_refused(tmp_path):
+    image, truth = brain_phantom()
+    scan = read_scan(save_nifti(tmp_path / "t1.nii.gz", image, np.eye(4)))
+    mask = read_scan(save_nifti(tmp_path / "mask.nii.gz", (truth > 0).astype(np.uint8), np.diag([2, 1, 1, 1.0])))
+    with pytest.raises(InputError, match="different grid"):
+        segment_scan(scan, ThresholdNet(), threshold_card(), device="cpu", mask=mask)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
+def test_window_callback_counts_every_window(tmp_path, monkeypatch, overlap):
+    """The progress total is predicted before the first window; it must be what the
+    inferer then runs, or the bar would stop short or overrun."""
+    from psc.pipelines.mri import config
+
+    monkeypatch.setattr(config, "INFERENCE_WINDOW", (16, 12, 20))
+    image, _ = brain_phantom((40, 36, 44))
+    scan = read_scan(save_nifti(tmp_path / "t1.nii.gz", image, np.eye(4)))
+    calls = []
+    segment_scan(scan, ThresholdNet(), threshold_card((1, 1, 1)), device="cpu", overlap=overlap,
+                 on_window=lambda done, total: calls.append((done, total)))
+    assert len(calls) > 1 and calls[-1] == (len(calls), len(calls))
+
+
 def test_devices_are_checked():
     assert resolve_device("cpu").type == "cpu"
-    with pytest.raises(InputError):
-        resolve_device("tpu")
+    for bad in ("tpu", "cuda:x", "gpu0", ""):
+        with pytest.raises(InputError):
+            resolve_device(bad)
     with pytest.raises(InputError):
         segment_scan(None, None, None, overlap=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_with_amp_agrees_with_cpu(tmp_path):
+    """Windows on the GPU in fp16, stitched in CPU memory: the labels must match the
+    CPU's but for a few boundary voxels where fp16 rounding tips the argmax."""
+    image, _ = brain_phantom()
+    scan = read_scan(save_nifti(tmp_path / "t1.nii.gz", image, oblique_affine()))
+    model, card = load_weights(save_tiny_model(tmp_path / "tiny.pt"))
+    cpu = segment_scan(scan, model, card, device="cpu")
+    gpu = segment_scan(scan, model, card, device="cuda", amp=True, tta=True)
+    cpu_tta = segment_scan(scan, model, card, device="cpu", tta=True)
+    assert (gpu.labels == cpu_tta.labels).mean() > 0.99
+    assert cpu.labels.shape == gpu.labels.shape

@@ -47,7 +47,7 @@ def write_dicom_series(image: sitk.Image, folder: Path) -> None:
         writer.Execute(sl)
 
 
-@pytest.mark.parametrize("fmt", ["nii", "mgz", "nrrd", "mha", "dicom"])
+@pytest.mark.parametrize("fmt", ["nii", "mgz", "nrrd", "nhdr", "mha", "mhd", "dicom"])
 def test_every_format_reads_to_the_same_voxels_and_affine(reference, tmp_path, fmt):
     ref = read_scan(reference)
     if fmt in ("nii", "mgz"):
@@ -82,7 +82,8 @@ def test_singleton_fourth_axis_is_squeezed(tmp_path):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "no such file"), ("text", "not a readable image"), ("nan", "NaN"),
-    ("flat", "2-D"), ("series", "4-D series of 3 volumes"), ("empty", "empty"), ("corrupt", "not a readable image"),
+    ("flat", "2-D"), ("slice", "single slice"), ("series", "4-D series of 3 volumes"), ("empty", "empty"),
+    ("corrupt", "not a readable image"), ("corrupt-mha", "not a readable image"), ("no-dicom", "without a DICOM"),
 ])
 def test_bad_inputs_are_refused_with_a_clear_sentence(tmp_path, case, message):
     path = tmp_path / f"{case}.nii.gz"
@@ -100,9 +101,19 @@ def test_bad_inputs_are_refused_with_a_clear_sentence(tmp_path, case, message):
         save_nifti(path, np.stack([image] * 3, -1), np.eye(4))
     elif case == "empty":
         save_nifti(path, np.zeros_like(image), np.eye(4))
+    elif case == "slice":
+        save_nifti(path, image[:, :, :1], np.eye(4))
     elif case == "corrupt":
         save_nifti(path, image, np.eye(4))
         path.write_bytes(path.read_bytes()[:200])
+    elif case == "corrupt-mha":
+        path = tmp_path / "scan.mha"
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(path))
+        path.write_bytes(path.read_bytes()[:300])
+    elif case == "no-dicom":
+        path = tmp_path / "folder"
+        path.mkdir()
+        (path / "readme.txt").write_text("no DICOM here\n")
     with pytest.raises(InputError, match=message) as info:
         read_scan(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
@@ -117,6 +128,24 @@ def test_written_labels_keep_grid_and_codes(reference, tmp_path):
     np.testing.assert_allclose(back.affine, scan.affine, atol=1e-5)
     assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_empty_volume_is_accepted_when_asked(tmp_path):
+    """An all-background label map is a valid prediction to score, not a bad scan."""
+    path = save_nifti(tmp_path / "none_dseg.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    assert not read_scan(path, allow_empty=True).array.any()
+
+
+def test_uncoded_nifti_round_trips_to_the_same_affine(tmp_path):
+    """qform and sform codes both 0: nibabel falls back to the voxel sizes; the output
+    must fall back to the same affine, not gain or lose a flip."""
+    image, _ = brain_phantom((12, 12, 12))
+    affine = np.diag([-0.9, 1.5, 0.9, 1.0])
+    scan = read_scan(save_nifti(tmp_path / "u.nii", image, affine, qcode=0, scode=0))
+    write_nifti(image > 50, scan, tmp_path / "u_dseg.nii.gz")
+    back = nib.load(str(tmp_path / "u_dseg.nii.gz"))
+    np.testing.assert_allclose(back.affine, scan.affine, atol=1e-5)
+    assert int(back.header["qform_code"]) == 0 and int(back.header["sform_code"]) == 0
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")

@@ -10,8 +10,11 @@ labels, so the output lies exactly on the input's voxels.
 
 from __future__ import annotations
 
+import itertools
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +33,12 @@ from .preprocess import brain_bbox, normalise, to_meta, to_model_space
 
 @dataclass
 class Segmentation:
+    """Both arrays lie on the input scan's voxel grid. Probabilities are channel-first
+    (the layout the network and MONAI use); ``outputs`` moves the class axis last for
+    the 4-D probseg NIfTI, where the 4th axis is the volume index."""
+
     labels: np.ndarray  # uint8, the input's shape
-    probabilities: np.ndarray  # float32, (classes, *input shape)
+    probabilities: np.ndarray  # float32, (classes, *input shape), summing to 1 per voxel
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -55,11 +62,13 @@ class _Softmax(nn.Module):
     """The network as the inferer sees it: probabilities, optionally averaged with the
     left-right mirrored prediction (flip test-time augmentation)."""
 
-    def __init__(self, model: nn.Module, tta: bool, amp: bool) -> None:
+    def __init__(self, model: nn.Module, tta: bool, amp: bool, on_window: Callable[[], None] | None = None) -> None:
         super().__init__()
-        self.model, self.tta, self.amp = model, tta, amp
+        self.model, self.tta, self.amp, self.on_window = model, tta, amp, on_window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_window is not None:
+            self.on_window()
         x = x.contiguous(memory_format=torch.channels_last_3d)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp and x.is_cuda else nullcontext()
         with autocast:
@@ -69,12 +78,32 @@ class _Softmax(nn.Module):
         return probs
 
 
+def window_count(shape: Sequence[int], window: Sequence[int], overlap: float) -> int:
+    """How many windows the sliding-window inferer runs over ``shape`` (MONAI's rule:
+    steps of int(window * (1 - overlap)), the last window flush with the end), so a
+    progress bar can show a total before the first window."""
+    count = 1
+    for size, roi in zip(shape, window):
+        step = max(int(roi * (1 - overlap)), 1)
+        count *= 1 if size <= roi else math.ceil((size - roi) / step) + 1
+    return count
+
+
 def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "auto", overlap: float = 0.5,
-                 tta: bool = False, mask: Scan | None = None, amp: bool = True, progress: bool = False) -> Segmentation:
+                 tta: bool = False, mask: Scan | None = None, amp: bool = True, progress: bool = False,
+                 on_window: Callable[[int, int], None] | None = None) -> Segmentation:
+    """Labels and probabilities on ``scan``'s grid. Probabilities, not labels, are
+    resampled back, so a boundary between two model voxels lands where the evidence
+    crosses over, not on the nearest model voxel. ``mask`` (same grid as ``scan``)
+    replaces the nonzero voxels as the brain; outside it every label is background.
+    ``progress`` shows MONAI's own tqdm bar; ``on_window(done, total)`` is called as
+    each window starts, for a caller's own progress display."""
     if not 0 <= overlap < 1:
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if mask is not None and mask.array.shape != scan.array.shape:
         raise InputError(f"mask shape {mask.array.shape} differs from the scan's {scan.array.shape}")
+    if mask is not None and not np.allclose(mask.affine, scan.affine, atol=1e-3):
+        raise InputError(f"mask {mask.path.name} lies on a different grid than {scan.path.name} (affines differ)")
     target = resolve_device(device)
     image = to_model_space(to_meta(scan.array.astype(np.float32), scan.affine), card.spacing, card.orientation)
     brain_ms = None
@@ -82,7 +111,7 @@ def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "a
         brain_ms = to_model_space(to_meta((mask.array > 0).astype(np.float32), scan.affine), card.spacing,
                                   card.orientation, label=True).as_tensor() > 0.5
         if not bool(brain_ms.any()):
-            raise InputError("the mask is empty after resampling to the model's grid")
+            raise InputError(f"mask {mask.path.name} is empty after resampling to the model's grid")
     x = normalise(image.as_tensor(), brain_ms)
     box = brain_bbox(brain_ms.float() if brain_ms is not None else x)
     crop = x[(slice(None), *box)][None]
@@ -90,7 +119,11 @@ def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "a
     window = tuple(min(w, s) for w, s in zip(config.INFERENCE_WINDOW, crop.shape[2:]))
     inferer = SlidingWindowInferer(roi_size=window, sw_batch_size=1, overlap=overlap, mode="gaussian",
                                    sw_device=target, device=torch.device("cpu"), progress=progress)
-    net = _Softmax(model.to(target).eval().to(memory_format=torch.channels_last_3d), tta, amp)
+    tick = None
+    if on_window is not None:
+        total, done = window_count(crop.shape[2:], window, overlap), itertools.count(1)
+        tick = lambda: on_window(next(done), total)  # noqa: E731
+    net = _Softmax(model.to(target).eval().to(memory_format=torch.channels_last_3d), tta, amp, tick)
     with torch.inference_mode():
         probs_crop = inferer(crop, net)[0]
 
@@ -98,7 +131,9 @@ def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "a
     probs = torch.zeros((classes, *x.shape[1:]), dtype=torch.float32)
     probs[0] = 1.0  # outside the crop: background
     probs[(slice(None), *box)] = probs_crop.float()
-    on_input = SpatialResample(mode="bilinear", padding_mode="zeros")(
+    # "border": an input voxel centre a fraction of a voxel beyond the model grid's
+    # last centre takes the edge value instead of fading to all-zero probabilities.
+    on_input = SpatialResample(mode="bilinear", padding_mode="border")(
         MetaTensor(probs, affine=image.affine), dst_affine=torch.as_tensor(scan.affine),
         spatial_size=scan.array.shape)
     probabilities = np.ascontiguousarray(on_input.as_tensor().numpy(), dtype=np.float32)

@@ -74,14 +74,20 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     if len(series) > 1:
         raise InputError(f"holds {len(series)} DICOM series; give the folder of one series")
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return _sitk_to_array_affine(reader.Execute())
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        raise InputError("holds a DICOM series that SimpleITK could not read (missing or corrupt slices?)") from None
+    return _sitk_to_array_affine(image)
 
 
-def read_scan(path: str | Path) -> Scan:
-    """Read one 3-D scan; a trailing singleton 4th axis is dropped (IBSR files have one)."""
+def read_scan(path: str | Path, allow_empty: bool = False) -> Scan:
+    """Read one 3-D scan; a trailing singleton 4th axis is dropped (IBSR files have one).
+    An all-zero volume is refused (nothing to segment) unless ``allow_empty``: a label
+    map that found no tissue is still a valid thing to score."""
     path = Path(path)
     try:
-        return _check(_read(path))
+        return _check(_read(path), allow_empty)
     except InputError as error:
         raise InputError(f"{path}: {error}") from None
 
@@ -110,19 +116,21 @@ def _read(path: Path) -> Scan:
     return Scan(path, array, np.asarray(affine, dtype=np.float64), header)
 
 
-def _check(scan: Scan) -> Scan:
+def _check(scan: Scan, allow_empty: bool = False) -> Scan:
     array = scan.array
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 4:
         raise InputError(f"is a 4-D series of {array.shape[3]} volumes; psc segments one 3-D volume")
-    if array.ndim != 3 or min(array.shape) < 2:
+    if array.ndim != 3:
         raise InputError(f"is {array.ndim}-D with shape {tuple(array.shape)}; psc segments 3-D volumes")
+    if min(array.shape) < 2:
+        raise InputError(f"is a single slice (shape {tuple(array.shape)}); psc segments 3-D volumes")
     if not np.issubdtype(array.dtype, np.number):
         raise InputError(f"has non-numeric voxels ({array.dtype})")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise InputError("contains NaN or infinite voxels")
-    if not np.any(array):
+    if not allow_empty and not np.any(array):
         raise InputError("is empty (every voxel is zero)")
     scan.array = array
     return scan

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +27,22 @@ def output_paths(scan_path: Path, out_dir: Path | None, probabilities: bool) -> 
 
 def check_outputs(paths: dict[str, Path], force: bool) -> None:
     """Refuse before any computation: existing outputs without ``force``, or a folder
-    that cannot be created or written."""
+    that cannot be created or written. Creates nothing, so a refused run leaves the
+    disk as it was; the folder itself is made by ``write_outputs``."""
     folder = next(iter(paths.values())).parent
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not force:
         raise InputError(f"{folder / existing[0]} exists (and {len(existing) - 1} more); use --force to overwrite")
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot write to output folder {folder}: {ancestor} is not a folder")
+    # A real write, not os.access: root passes every permission check, yet a read-only
+    # mount or a full disk still refuses it.
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".psc-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
     except OSError as error:
         raise InputError(f"cannot write to output folder {folder}: {error.strerror or error}") from None
 
@@ -48,6 +55,7 @@ def volumes_table(labels: np.ndarray, names: dict[int, str], voxel_volume: float
 
 
 def write_outputs(seg: Segmentation, scan: Scan, paths: dict[str, Path], names: dict[int, str]) -> None:
+    next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
     write_nifti(seg.labels, scan, paths["dseg"], dtype=np.uint8)
     write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in names.items()), paths["dseg_tsv"])
     write_text(volumes_table(seg.labels, names, scan.voxel_volume), paths["volumes"])
@@ -58,7 +66,8 @@ def write_outputs(seg: Segmentation, scan: Scan, paths: dict[str, Path], names: 
 
 
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Array and voxel sizes in RAS voxel order, for display only."""
+    """Array and voxel sizes in (nearest) RAS voxel order, so every scan is shown the
+    same way up whatever its storage order; display only, no resampling."""
     import nibabel as nib
 
     ornt = nib.orientations.io_orientation(affine)
@@ -67,39 +76,71 @@ def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return nib.orientations.apply_orientation(array, to_ras), zooms[ornt[:, 0].argsort()]
 
 
-def qc_png(scan: Scan, labels: np.ndarray, names: dict[int, str]) -> bytes:
-    """Axial, coronal and sagittal slices through the brain centre, labels overlaid."""
-    import matplotlib
+def _colour(index: int) -> tuple[float, float, float]:
+    return OVERLAY_COLOURS.get(index, (0.6, 0.6, 0.6))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
+
+def qc_png(scan: Scan, labels: np.ndarray, names: dict[int, str]) -> bytes:
+    """Axial, coronal and sagittal slices through the brain centre: the T1 alone above,
+    the labels overlaid below (a fill hides the very boundaries one wants to judge),
+    in neurological convention (left on the left) with the axis letters drawn and each
+    tissue's volume in the legend; enough to catch a flipped or shifted output, a
+    failed skull strip or a missing tissue at a glance."""
+    # A bare Figure (Agg canvas), not pyplot: no global backend switch, no figure
+    # registry to leak, safe inside a notebook or a thread.
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     image, zooms = _to_ras(scan.array.astype(np.float32), scan.affine)
     label, _ = _to_ras(labels, scan.affine)
-    brain = np.argwhere(image != 0)
-    centre = brain.mean(0).astype(int) if len(brain) else np.array(image.shape) // 2
-    top = np.percentile(image[image != 0], 99.5) if len(brain) else 1.0
-    colours = ListedColormap([(0, 0, 0, 0)] + [(*OVERLAY_COLOURS.get(i, (0.6, 0.6, 0.6)), 1.0)
-                                               for i in range(1, max(names) + 1)])
-    views = [  # (title, image slice, label slice, (row voxel size, column voxel size))
-        ("axial", image[:, :, centre[2]].T, label[:, :, centre[2]].T, (zooms[1], zooms[0])),
-        ("coronal", image[:, centre[1], :].T, label[:, centre[1], :].T, (zooms[2], zooms[0])),
-        ("sagittal", image[centre[0], :, :].T, label[centre[0], :, :].T, (zooms[2], zooms[1])),
+    found = np.argwhere(image != 0)  # zoom in on the brain, leaving room for the letters
+    margin = np.ceil(12.0 / zooms).astype(int)
+    box = tuple(slice(max(lo - m, 0), hi + m + 1) for lo, hi, m in zip(found.min(0), found.max(0), margin))
+    image, label = image[box], label[box]
+    brain = image != 0
+    x, y, z = np.argwhere(brain).mean(0).round().astype(int)
+    low, high = np.percentile(image[brain], [0.5, 99.5])
+    low = min(low, 0.0)  # a skull-stripped T1: background black, CSF dark, not clipped away
+    lut = np.zeros((max(max(names), int(label.max())) + 1, 4), np.float32)  # label -> RGBA
+    for index in range(1, len(lut)):
+        lut[index] = (*_colour(index), 0.4)
+    views = [  # title, image slice (rows, columns), label slice, row and column voxel size, axis letters
+        ("axial", image[:, :, z].T, label[:, :, z].T, zooms[1], zooms[0], "LRPA"),
+        ("coronal", image[:, y, :].T, label[:, y, :].T, zooms[2], zooms[0], "LRIS"),
+        ("sagittal", image[x, :, :].T, label[x, :, :].T, zooms[2], zooms[1], "PAIS"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), facecolor="black")
-    for ax, (title, img, lab, (dy, dx)) in zip(axes, views):
-        ax.imshow(img, cmap="gray", origin="lower", vmin=0, vmax=top, aspect=dy / dx, interpolation="nearest")
-        ax.imshow(np.ma.masked_equal(lab, 0), cmap=colours, vmin=0, vmax=max(names), alpha=0.45,
-                  origin="lower", aspect=dy / dx, interpolation="nearest")
-        ax.set_title(title, color="white")
-        ax.axis("off")
-    handles = [Patch(color=OVERLAY_COLOURS.get(i, (0.6, 0.6, 0.6)), label=n) for i, n in names.items() if i]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white")
-    fig.suptitle(scan.path.name, color="white")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    widths = [img.shape[1] * dx for _, img, _, _, dx, _ in views]
+    tallest = max(img.shape[0] * dy for _, img, _, dy, _, _ in views)
+    fig = Figure(figsize=(11, 8), facecolor="black")
+    axes = fig.subplots(2, 3, width_ratios=widths, gridspec_kw={"wspace": 0.03, "hspace": 0.03})
+    for column, (title, img, lab, dy, dx, letters) in enumerate(views):
+        extent = (0, img.shape[1] * dx, 0, img.shape[0] * dy)  # mm: physical aspect, one scale
+        for row, ax in enumerate(axes[:, column]):
+            ax.imshow(img, cmap="gray", origin="lower", vmin=low, vmax=high, extent=extent)
+            if row == 1:
+                ax.imshow(lut[lab], origin="lower", extent=extent, interpolation="nearest")
+            ax.set_xlim(0, extent[1])
+            ax.set_ylim(0, tallest)
+            ax.set_anchor("S")
+            ax.set_facecolor("black")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            style = {"color": "0.8", "fontsize": 10, "fontweight": "bold", "transform": ax.transData}
+            middle = extent[3] / 2
+            ax.text(2, middle, letters[0], ha="left", va="center", **style)
+            ax.text(extent[1] - 2, middle, letters[1], ha="right", va="center", **style)
+            ax.text(extent[1] / 2, 2, letters[2], ha="center", va="bottom", **style)
+            ax.text(extent[1] / 2, extent[3] - 2, letters[3], ha="center", va="top", **style)
+        axes[0, column].set_title(title, color="white", fontsize=11)
+    counts = np.bincount(labels.ravel(), minlength=len(lut))
+    handles = [Patch(color=_colour(i), label=f"{name}  {counts[i] * scan.voxel_volume / 1000:.0f} ml")
+               for i, name in names.items() if i]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white",
+               fontsize=11, handlelength=1.2, columnspacing=2.5)
+    fig.suptitle(scan.path.name, color="white", fontsize=12)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.92, bottom=0.06)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, facecolor="black")
-    plt.close(fig)
+    fig.savefig(buffer, format="png", dpi=100, facecolor="black")
     return buffer.getvalue()
