@@ -6,7 +6,7 @@ Times ``psc-segment``'s own path (read, model space, sliding window, back to the
 grid) on each scan, median of ``--repeats``, and scores the labels against the
 ``<stem>_seg`` file beside each scan when there is one (Dice on the input grid).
 Defaults: the two IBSR validation scans when ../shared/data is present, else the
-bundled MNI152 sample; the shipped weights plus any in runs/weights/.
+bundled MNI152 sample; the shipped weights plus the comparison models in benchmarks/weights/.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     scans = args.scans or default_scans()
-    weights = args.weights or [DEFAULT_WEIGHTS, *sorted((ROOT / "runs" / "weights").glob("*.pt"))]
+    weights = args.weights or [DEFAULT_WEIGHTS, *sorted((ROOT / "benchmarks" / "weights").glob("*.pt"))]
     console = Console(width=150)
     console.print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
                   f"overlap {args.overlap}")
