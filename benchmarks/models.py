@@ -1,23 +1,45 @@
-"""Speed and memory of PmSCn blocks and backbones against plain Conv3d, side by side.
+"""Speed, memory and numerical agreement of PmSCn blocks and backbones against plain
+Conv3d, side by side, per memory layout and dtype.
 
     python benchmarks/models.py [--quick] [--device cpu|cuda] [--threads N]
 
-Time: median wall time of repeated calls after a warm-up (forward under
-``torch.inference_mode``; forward+backward of a sum loss in training mode).
-Memory: on CUDA the allocator's peak during forward+backward; on CPU, where torch
-keeps no allocator statistics, the bytes of the tensors autograd saves for the
-backward pass (``saved_tensors_hooks``; distinct storages counted once), which is
-what training memory is made of. Ratios are to the conv3d row of the same run.
+What is measured, per (model, conv, layout, dtype):
+
+* time: median wall time of ``--repeats`` calls after one warm-up call. "forward" is
+  an eval-mode call under ``torch.inference_mode``; "fwd+bwd" is a training-mode
+  step: ``zero_grad``, forward, ``.float().sum()`` loss, backward (no optimizer).
+  On CUDA every call is bracketed by ``torch.cuda.synchronize``.
+* memory: the peak of bytes held by torch's allocator during one more call, above
+  what was held before it (so weights and input are not counted; activations,
+  convolution workspaces, autocast weight copies and gradients are). On CUDA that is
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on CPU, where
+  torch keeps no allocator statistics, it is replayed from the allocation and free
+  events that ``torch.profiler`` records with ``profile_memory=True`` (running sum in
+  time order, maximum taken; this does see native-path workspaces such as
+  ``slow_conv3d``'s im2col buffer). Memory held outside torch's allocator (oneDNN's
+  own caches, the Python heap) is not seen. Reported for inference ("fwd MB") and
+  training ("train MB").
+* size: parameters, and forward multiply-accumulates per output voxel ("kMAC/vox",
+  counted by ``psc.models.macs_per_output_voxel``, i.e. torch's ``FlopCounterMode``).
+* agreement: max |y - y_ref| / max |y_ref| of the eval-mode output against the same
+  model's fp32 contiguous output; it tells a fast layout or dtype that changes the
+  answer from one that does not.
+
+Every configuration starts from the same weights and batch-norm statistics (the
+state dict is reloaded, since training-mode steps move the running statistics).
+Ratios are to the conv3d row of the same model, layout and dtype in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -25,28 +47,61 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psc.models import build_model, make_conv  # noqa: E402
-from psc.pipelines.mri.config import BACKBONE_OPTIONS  # noqa: E402
+from psc.models import build_model, macs_per_output_voxel, make_conv  # noqa: E402
+from psc.pipelines.mri.config import BACKBONE_OPTIONS, INFERENCE_WINDOW, PATCH_SIZE  # noqa: E402
 
 CONVS = ("conv3d", "p1sc1", "p2sc2", "p2sc3")
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+DTYPES = ("fp32", "bf16")
 
 
-def saved_bytes(model, x, autocast) -> int:
-    storages: dict[int, int] = {}
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        model(x).float().sum()
-    return sum(storages.values())
+@contextmanager
+def quiet_stderr():
+    """The profiler's C++ side prints start/stop lines on fd 2; keep them out of the table."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak of allocator-held bytes during ``fn()``, above the bytes held before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -59,14 +114,17 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def measure(model, shape, layout, dtype, device, repeats) -> dict:
-    model = model.to(device).to(memory_format=LAYOUTS[layout])
-    x = torch.randn(shape, device=device).contiguous(memory_format=LAYOUTS[layout])
+def run_config(model, state, x_ref, layout, dtype, device, repeats, train=True) -> tuple[dict, torch.Tensor]:
+    model.load_state_dict(state)
+    model = model.to(memory_format=LAYOUTS[layout])
+    x = x_ref.contiguous(memory_format=LAYOUTS[layout])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    outputs = []
 
     def forward():
         with torch.inference_mode(), autocast:
-            model(x)
+            outputs.append(model(x).float())
+            del outputs[:-1]
 
     def train_step():
         model.zero_grad(set_to_none=True)
@@ -75,67 +133,118 @@ def measure(model, shape, layout, dtype, device, repeats) -> dict:
         loss.backward()
 
     model.eval()
+    forward()  # warm-up; its output is the one compared
+    y = outputs.pop()
     fwd = timed(forward, repeats, device)
+    outputs.clear()
+    fwd_mem = peak_bytes(forward, device)
+    outputs.clear()
+    if not train:
+        nan = float("nan")
+        return {"forward_s": fwd, "train_s": nan, "fwd_mb": fwd_mem / 2**20, "train_mb": nan}, y
     model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    train_step()  # warm-up
     step = timed(train_step, repeats, device)
-    memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else saved_bytes(model, x, autocast)
-    return {"forward_s": fwd, "train_s": step, "memory_mb": memory / 2**20}
+    model.zero_grad(set_to_none=True)  # grads are allocated inside the measured step
+    train_mem = peak_bytes(train_step, device)
+    model.zero_grad(set_to_none=True)
+    return {"forward_s": fwd, "train_s": step, "fwd_mb": fwd_mem / 2**20, "train_mb": train_mem / 2**20}, y
 
 
-def cases(quick: bool):
-    side = 40 if quick else 48
+def cases(args):
+    block = args.block_side
+    net = args.net_side
     for conv in CONVS:
-        yield "block 32->32", conv, lambda c=conv: make_conv(c)(32, 32, 3, padding=1), (1, 32, side, side, side)
-    side = 64 if quick else 96
+        yield "block", "block 32->32", conv, \
+            (lambda c=conv: make_conv(c)(32, 32, 3, padding=1)), (1, 32, block, block, block)
     for conv in CONVS:
-        yield "densenet3d (MRI config)", conv, (lambda c=conv: build_model("densenet3d", conv=c, **BACKBONE_OPTIONS)), \
-            (1, 1, side, side, side)
+        yield "densenet3d", "densenet3d (MRI)", conv, \
+            (lambda c=conv: build_model("densenet3d", conv=c, **BACKBONE_OPTIONS)), (1, 1, net, net, net)
     for conv in CONVS:
-        yield "unet3d (same)", conv, (lambda c=conv: build_model("unet3d", conv=c, padding="same")), \
-            (1, 1, side, side, side)
+        yield "unet3d", "unet3d (same)", conv, \
+            (lambda c=conv: build_model("unet3d", conv=c, padding="same")), (1, 1, net, net, net)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"backbones on 48^3 instead of the {PATCH_SIZE[0]}^3 training patch, 3 repeats "
+                             "instead of 5 (about 2 minutes on 2 busy cores at --threads 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--only", nargs="+", choices=("block", "densenet3d", "unet3d"),
+                        default=["block", "densenet3d", "unet3d"], help="which groups of rows to run")
+    parser.add_argument("--convs", nargs="+", default=list(CONVS), help="subset of " + ", ".join(CONVS))
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--block-side", type=int, default=48, help="edge of the single block's input")
+    parser.add_argument("--net-side", type=int, default=None,
+                        help=f"edge of the backbones' input (e.g. {INFERENCE_WINDOW[0]}, the MRI inference window)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--forward-only", action="store_true", help="skip the training step (its columns show -)")
     args = parser.parse_args(argv)
+    if args.net_side is None:
+        args.net_side = 48 if args.quick else PATCH_SIZE[0]
+    repeats = args.repeats or (3 if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    repeats = 3 if args.quick else 5
-    console = Console(width=140)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    console.print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    console = Console(width=180)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    console.print(f"device {device} ({name}), nproc {os.cpu_count()}, torch {torch.__version__}, "
+                  f"threads {torch.get_num_threads()}, repeats {repeats}, load average before: {load}")
 
-    table = Table(title="forward / forward+backward time and memory, conv3d vs PmSCn")
-    for column in ("what", "conv", "layout", "dtype", "params", "forward ms", "fwd+bwd ms", "memory MB",
-                   "fwd / conv3d", "fwd+bwd / conv3d"):
-        table.add_column(column, justify="left" if column in ("what", "conv", "layout", "dtype") else "right")
+    table = Table(title="conv3d vs PmSCn: median time, peak memory above weights+input, agreement with fp32 contiguous",
+                  caption=f"inputs: block 1x32x{args.block_side}^3, backbones 1x1x{args.net_side}^3 (densenet3d: "
+                          "BACKBONE_OPTIONS of pipelines/mri/config.py; unet3d: default options, padding same).\n"
+                          "'x' columns: ratio to the conv3d row of the same model, layout and dtype.")
+    for column in ("model", "conv", "layout", "dtype", "params", "kMAC/vox", "fwd ms", "fwd+bwd ms", "fwd MB",
+                   "train MB", "max rel diff", "fwd x", "fwd+bwd x", "train MB x"):
+        table.add_column(column, no_wrap=True,
+                         justify="left" if column in ("model", "conv", "layout", "dtype") else "right")
     base: dict[tuple, dict] = {}
-    torch.manual_seed(0)
-    for what, conv, make, shape in cases(args.quick):
-        model = make()
+    start = time.perf_counter()
+    for group, what, conv, make, shape in cases(args):
+        if group not in args.only or conv not in args.convs:
+            continue
+        torch.manual_seed(0)
+        model = make().to(device)
+        state = copy.deepcopy(model.state_dict())
         params = sum(p.numel() for p in model.parameters())
+        # Forward multiply-accumulates per output voxel (torch's FlopCounterMode on a
+        # 16^3 input: per voxel it does not depend on the input size).
+        kmacs = macs_per_output_voxel(model.cpu(), (16, 16, 16), shape[1]) / 1000
+        model.to(device)
+        x = torch.randn(shape, device=device)
+        reference = None
         for layout in args.layouts:
             for dtype in args.dtypes:
-                r = measure(model, shape, layout, dtype, device, repeats)
-                key = (what, layout, dtype)
+                r, y = run_config(model, state, x, layout, dtype, device, repeats, train=not args.forward_only)
+                if reference is None:
+                    reference = y  # the first configuration: fp32 contiguous with the defaults
+                diff = float((y - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+                key = (group, layout, dtype)
                 if conv == "conv3d":
                     base[key] = r
-                b = base.get(key, r)
-                table.add_row(what, conv, layout, dtype, f"{params:,}", f"{1000 * r['forward_s']:.1f}",
-                              f"{1000 * r['train_s']:.1f}", f"{r['memory_mb']:.0f}",
-                              f"{r['forward_s'] / b['forward_s']:.2f}", f"{r['train_s'] / b['train_s']:.2f}")
+                b = base.get(key)
+
+                def ratio(k):
+                    return "-" if b is None or r[k] != r[k] else f"{r[k] / b[k]:.2f}"
+
+                def number(v, scale=1.0, digits=1):
+                    return "-" if v != v else f"{scale * v:,.{digits}f}"
+
+                table.add_row(what, conv, layout, dtype, f"{params:,}", f"{kmacs:.1f}", number(r["forward_s"], 1000),
+                              number(r["train_s"], 1000), number(r["fwd_mb"], digits=0),
+                              number(r["train_mb"], digits=0), f"{diff:.1e}", ratio("forward_s"),
+                              ratio("train_s"), ratio("train_mb"))
         table.add_section()
     console.print(table)
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    console.print(f"total {time.perf_counter() - start:.0f} s; load average after: {load}")
     return 0
 
 

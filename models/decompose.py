@@ -116,8 +116,8 @@ def decompose_conv3d(conv3d: nn.Conv3d, rank: int | None = None, tol: float = 1e
     """Turn a trained ``nn.Conv3d`` (cubic kernel, no groups/dilation) into a linear
     parallel-separable module. ``rank`` = number of core slices kept; ``None`` keeps
     all (exact). ``relative_error`` on the result is ||W - W_hat|| / ||W||."""
-    if conv3d.groups != 1 or tuple(conv3d.dilation) != (1, 1, 1):
-        raise ValueError("decompose_conv3d needs a Conv3d without groups or dilation")
+    if conv3d.groups != 1 or tuple(conv3d.dilation) != (1, 1, 1) or conv3d.padding_mode != "zeros":
+        raise ValueError("decompose_conv3d needs a Conv3d without groups or dilation, with zero padding")
     if isinstance(conv3d.padding, str):
         raise ValueError("give the Conv3d numeric padding")
     if rank is not None and rank < 1:
