@@ -20,7 +20,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from psc.app.cli import HelpFormatter
 from psc.pipelines.errors import InputError
+
 
 PROG = "psc-eval"
 DEFAULT_NAMES = {1: "CSF", 2: "GM", 3: "WM"}
@@ -84,8 +86,8 @@ def _nan_to_none(value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""),
+                                     formatter_class=HelpFormatter)
     parser.add_argument("pred", type=Path)
     parser.add_argument("truth", type=Path)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -18,7 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import psc.models
+from psc.app.cli import HelpFormatter
 from psc.pipelines.errors import InputError
+
 
 PROG = "psc-segment"
 DEFAULT_WEIGHTS = Path(psc.models.__file__).parent / "pretrained" / "mri_densenet3d_p2sc2.pt"
@@ -47,8 +49,8 @@ def _is_output(path: Path) -> bool:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""),
+                                     formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", help="scans (NIfTI, MGZ, NRRD, MHA/MHD), DICOM folders, folders, globs")
     parser.add_argument("-o", "--output", type=Path, help="output folder (default: beside each input)")
     parser.add_argument("--sample", action="store_true", help="segment the bundled MNI152 T1 template")
