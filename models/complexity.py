@@ -26,6 +26,12 @@ class Complexity:
     receptive_field: tuple[int, int, int] | None
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Probe inputs go where the model lives (a CUDA model gets CUDA inputs)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -34,7 +40,7 @@ def macs_per_output_voxel(model: nn.Module, input_shape: tuple[int, ...], in_cha
     """Forward MACs divided by the output's spatial voxels (per sample). For a
     classifier (no spatial output) it is MACs per input voxel instead."""
     model = copy.deepcopy(model).eval()
-    x = torch.zeros((1, in_channels, *input_shape))
+    x = torch.zeros((1, in_channels, *input_shape), device=_device_of(model))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         y = model(x)
     voxels = y[0, 0].numel() if y.dim() == 5 else x[0, 0].numel()
@@ -65,7 +71,7 @@ def _axis_span(probe: nn.Module, in_channels: int, axis: int, length: int, thin:
     the span touches the input's ends (then the input was too short)."""
     shape = [thin, thin, thin]
     shape[axis] = length
-    x = torch.ones((1, in_channels, *shape), dtype=torch.float64, requires_grad=True)
+    x = torch.ones((1, in_channels, *shape), dtype=torch.float64, device=_device_of(probe), requires_grad=True)
     y = probe(x)
     if y.dim() == 5:
         centre = tuple(s // 2 for s in y.shape[2:])
