@@ -63,14 +63,18 @@ def card_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into
+    place: a crash never leaves a half-written file. The temporary keeps the final
+    suffixes (``.nii.gz``) so writers that choose a format by name choose right."""
+    suffix = "".join(Path(path.name).suffixes[-2:])
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
     os.close(fd)
     try:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared weights file must be readable
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; shared outputs must be readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -83,11 +87,11 @@ def save_weights(model: nn.Module, card: ModelCard, path: str | Path) -> ModelCa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     card.parameters = sum(p.numel() for p in model.parameters())
     card.sha256 = sha256_of(path)
     text = json.dumps(asdict(card), indent=2, default=list) + "\n"
-    _atomic_write(card_path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(card_path(path), lambda tmp: Path(tmp).write_text(text))
     return card
 
 

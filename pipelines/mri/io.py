@@ -8,14 +8,14 @@ renamed into place, so a crash never leaves a half-written output.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+
+from psc.models.weights import atomic_write
 
 from ..errors import InputError
 
@@ -136,21 +136,6 @@ def _check(scan: Scan, allow_empty: bool = False) -> Scan:
     return scan
 
 
-def _atomic(path: Path, write) -> None:
-    suffix = "".join(Path(path.name).suffixes[-2:])  # keep .nii.gz so writers pick the format
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_nifti(array: np.ndarray, like: Scan, path: Path, dtype=np.uint8) -> None:
     """NIfTI on ``like``'s grid: its affine, and its qform/sform codes if it was NIfTI."""
     image = nib.Nifti1Image(np.asarray(array, dtype=dtype), like.affine)
@@ -161,8 +146,8 @@ def write_nifti(array: np.ndarray, like: Scan, path: Path, dtype=np.uint8) -> No
         image.set_qform(like.affine, code=1)
         image.set_sform(like.affine, code=1)
     image.header.set_xyzt_units("mm")
-    _atomic(path, lambda tmp: nib.save(image, tmp))
+    atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def write_text(text: str, path: Path) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -11,7 +11,9 @@ import numpy as np
 
 from ..errors import InputError
 from .inference import Segmentation
-from .io import Scan, _atomic, scan_stem, write_nifti, write_text
+from psc.models.weights import atomic_write
+
+from .io import Scan, scan_stem, write_nifti, write_text
 
 OVERLAY_COLOURS = {1: (0.15, 0.55, 1.0), 2: (1.0, 0.35, 0.2), 3: (1.0, 0.9, 0.2)}
 
@@ -62,7 +64,7 @@ def write_outputs(seg: Segmentation, scan: Scan, paths: dict[str, Path], names: 
     if "probseg" in paths:
         write_nifti(np.moveaxis(seg.probabilities, 0, -1), scan, paths["probseg"], dtype=np.float32)
     png = qc_png(scan, seg.labels, names)
-    _atomic(paths["qc"], lambda tmp: Path(tmp).write_bytes(png))
+    atomic_write(paths["qc"], lambda tmp: Path(tmp).write_bytes(png))
 
 
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

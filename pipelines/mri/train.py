@@ -23,6 +23,7 @@ from psc.models import build_model
 from psc.models.weights import ModelCard, save_weights
 
 from . import config
+from .metrics import dice_per_class
 from .data import find_pairs, prepare_case, training_transforms
 
 
@@ -57,16 +58,6 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def dice_scores(pred: torch.Tensor, label: torch.Tensor, classes: int) -> list[float]:
-    """Dice per foreground class (1..classes-1) of two label volumes."""
-    scores = []
-    for c in range(1, classes):
-        p, g = pred == c, label == c
-        denom = int(p.sum() + g.sum())
-        scores.append(float(2 * (p & g).sum() / denom) if denom else float("nan"))
-    return scores
-
-
 def validate(model: torch.nn.Module, cases: list[dict], classes: int) -> dict[str, list[float]]:
     model.eval()
     inferer = SlidingWindowInferer(roi_size=config.INFERENCE_WINDOW, overlap=0.25, mode="gaussian", sw_batch_size=1)
@@ -75,7 +66,8 @@ def validate(model: torch.nn.Module, cases: list[dict], classes: int) -> dict[st
         for case in cases:
             image = case["image"][None].contiguous(memory_format=torch.channels_last_3d)
             logits = inferer(image, model)
-            results[case["case"]] = dice_scores(logits.argmax(1)[0], case["label"][0], classes)
+            scores = dice_per_class(logits.argmax(1)[0].numpy(), case["label"][0].numpy(), range(1, classes))
+            results[case["case"]] = list(scores.values())
     model.train()
     return results
 
