@@ -1,7 +1,10 @@
-"""``psc-segment``: tissue segmentation of T1 scans (files, folders, globs).
+"""``psc-segment``: tissue segmentation of T1 scans (files, folders, globs), or neuron
+segmentation of an EM volume (``RAW.zarr -o OUT.zarr``).
 
-Writes ``<stem>_dseg.nii.gz``, ``_dseg.tsv``, ``_volumes.tsv``, ``_qc.png`` (and
+MRI: writes ``<stem>_dseg.nii.gz``, ``_dseg.tsv``, ``_volumes.tsv``, ``_qc.png`` (and
 ``_probseg.nii.gz`` with ``--probabilities``) beside each input or under ``-o DIR``.
+EM: writes the arrays ``affinities``, ``fragments`` and ``segmentation`` and the region
+graph ``graph.sqlite`` into OUT.zarr; running the same command again resumes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import psc.models
 from psc.app.cli import HelpFormatter
+from psc.app.segment_em import add_arguments as add_em_arguments
+from psc.app.segment_em import run_em
 from psc.pipelines.errors import InputError
 
 
@@ -36,12 +41,17 @@ def expand_inputs(items: list[str]) -> list[Path]:
         if not matches:
             raise InputError(f"{item}: no file matches")
         for match in map(Path, matches):
-            if match.is_dir() and not match.name.endswith(".zarr"):
+            if match.is_dir() and not is_zarr(match):
                 scans = sorted(p for p in match.iterdir() if is_scan_file(p) and not _is_output(p))
                 found += scans or [match]  # no scan files: treat as one DICOM series
             else:
                 found.append(match)
     return found
+
+
+def is_zarr(path: Path) -> bool:
+    """A zarr container or an array inside one (``raw.zarr``, ``raw.zarr/raw``)."""
+    return any(part.endswith(".zarr") for part in path.parts) or (path / "zarr.json").is_file()
 
 
 def _is_output(path: Path) -> bool:
@@ -56,13 +66,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample", action="store_true", help="segment the bundled MNI152 T1 template")
     parser.add_argument("--pipeline", choices=("auto", "mri", "em"), default="auto",
                         help="auto: .zarr inputs are EM, everything else MRI")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="weights .pt with its .json card")
+    parser.add_argument("--weights", type=Path, help="weights .pt with its .json card (default: the shipped "
+                        "MRI or EM model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
     parser.add_argument("--tta", action="store_true", help="average with the left-right mirrored prediction")
     parser.add_argument("--mask", type=Path, help="brain mask (same grid) instead of the nonzero voxels")
     parser.add_argument("--probabilities", action="store_true", help="also write <stem>_probseg.nii.gz")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    add_em_arguments(parser)
     args = parser.parse_args(argv)
     if not args.inputs and not args.sample:
         parser.error("give at least one input, or --sample")
@@ -80,8 +92,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.sample:
         inputs.append(sample_t1_path())
         args.output = args.output or Path("psc-sample-output")
-    if args.pipeline == "em" or (args.pipeline == "auto" and any(p.name.endswith(".zarr") for p in inputs)):
-        raise InputError("the EM pipeline is not available yet in this version of psc")
+    if args.pipeline == "em" or (args.pipeline == "auto" and any(is_zarr(p) for p in inputs)):
+        return run_em(args, inputs, console)
+    args.weights = args.weights or DEFAULT_WEIGHTS
     if not 0 <= args.overlap < 1:
         raise InputError(f"--overlap must be in [0, 1), got {args.overlap}")
     resolve_device(args.device)

@@ -1,4 +1,4 @@
-"""``psc-train``: train a psc model from labelled data (``psc-train mri ...``)."""
+"""``psc-train``: train a psc model from labelled data (``psc-train mri ...``, ``psc-train em ...``)."""
 
 from __future__ import annotations
 
@@ -29,14 +29,52 @@ def _mri_parser(sub) -> None:
     p.add_argument("--data-terms", default="", help="the terms of use of the training data (model card)")
 
 
+def _em_parser(sub) -> None:
+    from psc.pipelines.em.train import BACKBONE_OPTIONS
+
+    p = sub.add_parser("em", help="affinity U-Net from a raw and a labels zarr volume")
+    p.add_argument("--raw", required=True, help="raw volume (zarr container or container/array)")
+    p.add_argument("--labels", required=True, help="instance labels of the same shape (0 = boundary, ignored)")
+    p.add_argument("--out", default="runs/em", help="run folder: log.csv, curves.png, best.pt, last.pt")
+    p.add_argument("--conv", default="p2sc2", help="conv3d or p{m}sc{n}")
+    p.add_argument("--options", default=json.dumps(BACKBONE_OPTIONS), help="U-Net options as JSON")
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--val-every", type=int, default=200)
+    p.add_argument("--val-fraction", type=float, default=0.25, help="the last fraction of x is held out")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--out-size", type=int, default=24, help="output crop side (a valid U-Net output size)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--export", default="", help="write the best weights + model card here at the end")
+    p.add_argument("--data-source", default="", help="where the training data comes from (model card)")
+    p.add_argument("--data-terms", default="", help="the terms of use of the training data (model card)")
+
+
+def _train_em(args) -> int:
+    from psc.pipelines.em.train import EMTrainConfig, train
+
+    cfg = EMTrainConfig(raw=args.raw, labels=args.labels, out=args.out, conv=args.conv,
+                        options=json.loads(args.options), out_size=args.out_size, batch=args.batch,
+                        iterations=args.iterations, val_every=args.val_every, val_fraction=args.val_fraction,
+                        lr=args.lr, seed=args.seed, threads=args.threads, export=args.export,
+                        data_source=args.data_source, data_terms=args.data_terms)
+    train(cfg, resume=args.resume)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="psc-train", description=__doc__)
     sub = parser.add_subparsers(dest="pipeline", required=True)
     _mri_parser(sub)
+    _em_parser(sub)
     args = parser.parse_args(argv)
-    from psc.pipelines.mri.train import TrainConfig, train
-
     try:
+        if args.pipeline == "em":
+            return _train_em(args)
+        from psc.pipelines.mri.train import TrainConfig, train
+
         cfg = TrainConfig(data=args.data, out=args.out, conv=args.conv, options=json.loads(args.options),
                           val_cases=args.val, iterations=args.iterations, val_every=args.val_every,
                           batch=args.batch, patch=tuple(args.patch), lr=args.lr, seed=args.seed,

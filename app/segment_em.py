@@ -1,0 +1,84 @@
+"""``psc-segment RAW.zarr -o OUT.zarr``: the EM half of psc-segment (every stage, resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+import psc.models
+from psc.pipelines.errors import InputError
+
+DEFAULT_EM_WEIGHTS = Path(psc.models.__file__).parent / "pretrained" / "em_unet3d_p2sc2.pt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    em = parser.add_argument_group("EM pipeline (RAW.zarr inputs)")
+    em.add_argument("--workers", type=int, default=1, help="worker processes per stage (0: in this process)")
+    em.add_argument("--threshold", type=float, default=0.5, help="agglomeration threshold of the written segmentation")
+    em.add_argument("--thresholds", type=float, nargs="+", help="thresholds whose lookup tables are stored "
+                    "(default 0.1 ... 0.9)")
+    em.add_argument("--block-size", type=int, nargs=3, default=[64, 64, 64], metavar=("Z", "Y", "X"),
+                    help="block (and chunk) shape in voxels, multiples of 4")
+    em.add_argument("--gt", help="ground-truth labels (zarr): score every threshold at the end")
+    em.add_argument("--worker-command", help="start each worker with this shell command instead (e.g. "
+                    "'ssh node psc-worker {out}'); DAISY_CONTEXT tells it where the scheduler is")
+    em.add_argument("--host", help="address workers connect to (default: detected; 127.0.0.1 keeps it local)")
+    em.add_argument("--amp", action="store_true", help="bf16 (CPU) / fp16 (CUDA) autocast for the network")
+
+
+def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> int:
+    from psc.pipelines.em import layout
+    from psc.pipelines.em.evaluate import evaluate_run, format_table
+    from psc.pipelines.em.run import EMRunError, prepare, run
+    from psc.pipelines.mri.inference import resolve_device
+
+    if len(inputs) != 1:
+        raise InputError("the EM pipeline takes one RAW.zarr input per call")
+    raw = inputs[0]
+    out = args.output or raw.with_name(raw.name.removesuffix(".zarr").rstrip("/") + "_psc.zarr")
+    if not str(out).endswith(".zarr"):
+        raise InputError(f"{out}: the EM output must be a .zarr container")
+    weights = args.weights or DEFAULT_EM_WEIGHTS
+    if not Path(weights).is_file():
+        raise InputError(f"EM weights not found: {weights}")
+    from psc.models.weights import ModelCard, card_path
+
+    try:
+        card = ModelCard.from_json(card_path(weights))
+    except (OSError, ValueError, TypeError) as error:
+        raise InputError(f"{weights}: no readable model card beside it ({error})") from None
+    if card.backbone != "unet3d" or card.out_channels != 3:
+        raise InputError(f"{weights}: a {card.backbone} model, not an affinity U-Net for EM")
+    if args.workers < 0:
+        raise InputError(f"--workers must be >= 0, got {args.workers}")
+    device = str(resolve_device(args.device))
+    if args.force and Path(out).exists():
+        shutil.rmtree(out)
+    resuming = (Path(out) / layout.TRACKING_DIR).exists()
+    thresholds = args.thresholds or layout.DEFAULT_THRESHOLDS
+    started = time.perf_counter()
+    try:
+        prepare(str(raw), out, weights, block_size=args.block_size, thresholds=thresholds,
+                threshold=args.threshold, device=device, amp=args.amp, workers=max(1, args.workers))
+    except OSError as error:
+        raise InputError(f"{out}: cannot write here ({error.strerror or error})") from None
+    if resuming:
+        console.print(f"resuming the run in {out}", highlight=False)
+    try:
+        result = run(out, workers=args.workers, worker_command=args.worker_command, host=args.host)
+    except EMRunError as error:
+        print(f"psc-segment: error: {error}", file=sys.stderr)
+        return 1
+    segments = result["segments"][float(args.threshold)]
+    console.print(f"{raw}: {time.perf_counter() - started:.1f} s; {segments} segments at threshold "
+                  f"{args.threshold:g}", highlight=False)
+    for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION, layout.GRAPH_FILE):
+        console.print(f"  {Path(out) / name}", highlight=False)
+    if args.gt:
+        console.print(format_table(evaluate_run(str(out), args.gt)), highlight=False)
+    return 0

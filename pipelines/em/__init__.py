@@ -1,0 +1,1 @@
+"""EM pipeline: blockwise affinities -> fragments -> region graph -> segmentation (daisy)."""

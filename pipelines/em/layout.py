@@ -1,0 +1,53 @@
+"""Where an EM run keeps things, and the settings every worker needs to rebuild a stage.
+
+One output container holds the arrays (``affinities``, ``fragments``, ``segmentation``),
+the region graph (``graph.sqlite``), daisy's per-block done markers (``.tracking/``) and
+the run's settings (the ``psc`` attribute of the group), so a worker started anywhere
+needs only the container's path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import zarr
+
+AFFINITIES, FRAGMENTS, SEGMENTATION = "affinities", "fragments", "segmentation"
+GRAPH_FILE = "graph.sqlite"
+TRACKING_DIR = ".tracking"
+DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class RunSettings:
+    raw: str
+    raw_name: str | None
+    weights: str
+    block_size: tuple[int, int, int] = (64, 64, 64)
+    context: tuple[int, int, int] = (8, 8, 8)
+    fragment_threshold: float = 0.5
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    threshold: float = 0.5
+    device: str = "cpu"
+    amp: bool = False
+    threads_per_worker: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, out: str | Path) -> "RunSettings":
+        data = dict(zarr.open_group(str(out), mode="r").attrs["psc"])
+        for key in ("block_size", "context", "thresholds"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    def save(self, out: str | Path) -> None:
+        zarr.open_group(str(out), mode="a").attrs["psc"] = asdict(self)
+
+
+def graph_path(out: str | Path) -> Path:
+    return Path(out) / GRAPH_FILE
+
+
+def tracking_path(out: str | Path, task_id: str) -> Path:
+    return Path(out) / TRACKING_DIR / task_id

@@ -1,0 +1,95 @@
+"""Affinity prediction for one region: the body of the blockwise *predict* stage.
+
+The EM network is a valid-padded U-Net: an output voxel sees exactly ``context`` voxels
+of raw on each side and nothing else, so a block predicted from its write region grown by
+``context`` equals the same voxels of a whole-volume prediction. Two details keep that
+exact: raw outside the volume is mirrored about the *volume* border (``read_clamped``),
+and every input window starts on the network's pooling grid (the block size is a
+multiple of the total down-sampling factor), so max-pooling sees the same windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from funlib.geometry import Coordinate, Roi
+
+from psc.models.weights import load_weights
+
+from ..errors import InputError
+from .volumes import Volume, read_clamped
+
+
+def normalise_raw(raw: np.ndarray) -> np.ndarray:
+    """Raw intensities to [0, 1] by the dtype's range (EM detectors fill it)."""
+    if np.issubdtype(raw.dtype, np.integer):
+        return raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)
+    return raw.astype(np.float32)
+
+
+class AffinityPredictor:
+    """A loaded EM model that predicts affinities for any region of a raw volume.
+
+    Built once per worker process (weights are read and hashed once), then called per
+    block. ``amp`` runs the network under bf16 (CPU) or fp16 (CUDA) autocast.
+    """
+
+    def __init__(self, weights: str | Path, device: str = "cpu", amp: bool = False) -> None:
+        self.model, self.card = load_weights(weights, map_location="cpu")
+        if self.card.backbone != "unet3d" or self.card.out_channels != 3:
+            raise InputError(f"{weights}: not an affinity model (backbone {self.card.backbone})")
+        if getattr(self.model, "padding", "valid") != "valid":
+            raise InputError(f"{weights}: blockwise prediction needs a valid-padded U-Net")
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.amp = amp
+        factors = np.prod(np.array(self.model.downsample_factors), axis=0)
+        self.grid = Coordinate(int(f) for f in factors)
+        self.context = Coordinate(self._context())
+
+    def _valid_sizes(self) -> tuple[int, int, int]:
+        """(smallest input size, its output size, step between valid output sizes).
+
+        The step is the pooling grid: inputs between two valid sizes are floored by
+        max-pooling and would break the translation equivariance."""
+        step = max(self.grid)
+        for size in range(1, 1024):
+            try:
+                out = self.model.output_shape((size, size, size))[0]
+            except RuntimeError:
+                continue
+            if out > 0:
+                if self.model.output_shape((size + step,) * 3)[0] != out + step:
+                    raise ValueError("the network's output does not grow with its input")
+                return size, out, step
+        raise ValueError("the network produces no output for inputs up to 1024 voxels")
+
+    def _context(self) -> tuple[int, ...]:
+        first, first_out, self._step = self._valid_sizes()
+        self._first_out = first_out
+        return ((first - first_out) // 2,) * 3
+
+    def _valid_output(self, size: int) -> int:
+        """The smallest output size >= ``size`` that the network can produce."""
+        if size <= self._first_out:
+            return self._first_out
+        return self._first_out + -(-(size - self._first_out) // self._step) * self._step
+
+    @torch.inference_mode()
+    def predict(self, raw: Volume, roi: Roi) -> np.ndarray:
+        """Affinities (float32, ``(3, *roi.shape)``) of the voxels in ``roi``."""
+        if any(o % g for o, g in zip(roi.offset, self.grid)):
+            raise ValueError(f"block offset {roi.offset} is not on the pooling grid {self.grid}")
+        out_shape = Coordinate(self._valid_output(int(s)) for s in roi.shape)
+        in_roi = Roi(roi.offset - self.context, out_shape + self.context * 2)
+        x = torch.from_numpy(normalise_raw(read_clamped(raw, in_roi)))[None, None].to(self.device)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16 if self.device.type == "cpu" else torch.float16,
+                                  enabled=self.amp)
+        with autocast:
+            y = self.model(x)
+        y = y.float()[0].cpu().numpy()
+        return np.ascontiguousarray(y[(slice(None), *(slice(0, s) for s in roi.shape))])

@@ -1,0 +1,208 @@
+"""One EM run, end to end: predict -> fragments -> edges (daisy, blockwise), global merge,
+relabel (daisy, blockwise).
+
+Each blockwise stage is a daisy task whose read ROI is its write ROI plus the context it
+needs; daisy orders blocks so that a block only starts once every upstream block its read
+ROI touches is done, runs them on ``workers`` processes, retries a failing block
+``MAX_RETRIES`` times and keeps a done marker per block under ``.tracking/``: running the
+same command again after a crash only does what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import daisy
+from funlib.geometry import Coordinate, Roi
+
+from ..errors import InputError
+from . import layout
+from .graph import GraphStore
+from .merge import write_lookup_tables
+from .stages import EdgeStage, FragmentStage, PredictStage, RelabelStage, StageWorker
+from .volumes import create_volume, open_container, open_volume
+
+MAX_RETRIES = 2
+BLOCK_TIMEOUT_S = 3600
+
+
+class EMRunError(RuntimeError):
+    """Blocks failed after their retries; the message names them."""
+
+
+@dataclass
+class StageReport:
+    task: str
+    blocks: int
+    done: int
+    failed: int
+
+
+class RemoteWorker:
+    """A daisy worker function that starts ``command`` (e.g. ``ssh node psc-worker
+    {out}``) with the scheduler's address in ``DAISY_CONTEXT``: how workers on other
+    machines join a run. ``{out}`` and ``{context}`` in the command are filled in."""
+
+    def __init__(self, command: str, out: str) -> None:
+        self.command, self.out = command, out
+
+    def __call__(self, *, context) -> None:
+        env = dict(os.environ, DAISY_CONTEXT=context.to_env())
+        command = self.command.format(out=shlex.quote(self.out), context=shlex.quote(context.to_env()))
+        subprocess.run(command, shell=True, env=env, check=True)
+
+
+def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | None = None,
+            block_size=(64, 64, 64), thresholds=layout.DEFAULT_THRESHOLDS, threshold: float = 0.5,
+            device: str = "cpu", amp: bool = False, workers: int = 1) -> layout.RunSettings:
+    """Create (or reopen, for a resume) the output container and its arrays."""
+    source = open_volume(raw, raw_name)
+    if source.channels:
+        raise InputError(f"{raw}: raw must be a single-channel 3-D volume, got shape {source.array.shape}")
+    block_size = tuple(int(b) for b in block_size)
+    if any(b <= 0 or b % 4 for b in block_size):
+        raise InputError(f"block size {block_size}: each side must be a positive multiple of 4")
+    thresholds = tuple(sorted({float(t) for t in thresholds} | {float(threshold)}))
+    settings = layout.RunSettings(
+        raw=str(Path(raw).resolve()), raw_name=raw_name, weights=str(Path(weights).resolve()),
+        block_size=block_size, thresholds=thresholds, threshold=float(threshold), device=device,
+        amp=amp, threads_per_worker=max(1, (os.cpu_count() or 1) // max(1, workers)),
+    )
+    group = open_container(out, mode="a")
+    previous = group.attrs.get("psc")
+    if previous is not None:
+        fixed = ("raw", "raw_name", "weights", "block_size", "context", "fragment_threshold")
+        now = asdict(settings)
+        normal = lambda value: list(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
+        changed = [k for k in fixed if normal(previous.get(k)) != normal(now[k])]
+        if changed:
+            raise InputError(f"{out} holds a run with other {', '.join(changed)}: use a new output or --force")
+        settings.extra = dict(previous.get("extra") or {})
+    chunks = block_size
+    common = dict(voxel_size=source.voxel_size, offset=source.offset, chunks=chunks)
+    create_volume(group, layout.AFFINITIES, source.shape, "uint8", channels=3, **common)
+    create_volume(group, layout.FRAGMENTS, source.shape, "uint64", **common)
+    create_volume(group, layout.SEGMENTATION, source.shape, "uint64", **common)
+    settings.save(out)
+    return settings
+
+
+def _task(stage, task_id: str, out: str, shape: Coordinate, block: Coordinate, context: Coordinate,
+          workers: int, worker_command: str | None) -> daisy.Task:
+    if worker_command:
+        function = RemoteWorker(worker_command, out)
+    elif workers > 0:
+        function = StageWorker(stage, out)
+    else:  # serial, in this process
+        function = stage(out)
+    return daisy.Task(
+        task_id,
+        total_roi=Roi((0, 0, 0), shape).grow(context, context),
+        read_roi=Roi((0, 0, 0), block + context * 2),
+        write_roi=Roi(context, block),
+        process_function=function,
+        read_write_conflict=False,
+        fit="shrink",
+        max_workers=max(1, workers),
+        max_retries=MAX_RETRIES,
+        timeout=BLOCK_TIMEOUT_S,
+        tracking_path=str(layout.tracking_path(out, task_id)),
+    )
+
+
+@contextmanager
+def _scheduler_stderr_to(path: Path):
+    """daisy's scheduler (Rust) logs every failing block's traceback on file descriptor 2:
+    send that descriptor to a log file, while Python's ``sys.stderr`` (progress bars, our
+    one-line errors) keeps writing to the terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    original = sys.stderr
+    saved = os.dup(2)
+    try:
+        terminal_is_fd2 = original.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        terminal_is_fd2 = False
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    if terminal_is_fd2:
+        sys.stderr = open(saved, "w", buffering=1, closefd=False, encoding=original.encoding, errors="replace")
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        if terminal_is_fd2:
+            sys.stderr.close()
+        sys.stderr = original
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _run_pipeline(pipeline, tasks, workers: int, progress: bool, host: str | None, log: Path) -> list[StageReport]:
+    try:
+        with _scheduler_stderr_to(log):
+            states = daisy.run_blockwise(pipeline, multiprocessing=workers > 0, progress=progress,
+                                         return_states=True, host=host, summary=False)
+    except RuntimeError as error:  # daisy abandons a task whose workers keep crashing
+        raise EMRunError(f"workers kept crashing: {str(error).strip().splitlines()[0]}") from None
+    reports, failures = [], []
+    for task in tasks:
+        state = states[task.task_id]
+        done = state.completed_count
+        failed = state.total_block_count - done
+        reports.append(StageReport(task.task_id, state.total_block_count, done, failed))
+        if state.failed_count:
+            rois = ["[" + ", ".join(f"{b}:{e}" for b, e in zip(block.write_roi.begin, block.write_roi.end)) + "]"
+                    for block in task.failed_blocks()]
+            shown = ", ".join(rois[:5]) + (f" and {len(rois) - 5} more" if len(rois) > 5 else "")
+            reason = state.last_worker_error.strip().splitlines()[-1] if state.last_worker_error else ""
+            failures.append(f"{task.task_id}: {state.failed_count} of {state.total_block_count} blocks failed "
+                            f"after {MAX_RETRIES} retries (write regions {shown}){': ' + reason if reason else ''}")
+        elif failed:
+            failures.append(f"{task.task_id}: {failed} blocks not run (their inputs failed)")
+    if failures:
+        raise EMRunError("; ".join(failures) + f"; logs in {log.parent}")
+    return reports
+
+
+def run(out: str | Path, workers: int = 1, worker_command: str | None = None, host: str | None = None,
+        progress: bool = True) -> dict:
+    """Run (or resume) every stage of the run prepared in ``out``."""
+    out = str(out)
+    settings = layout.RunSettings.load(out)
+    shape = Coordinate(open_volume(out, layout.FRAGMENTS).shape)
+    block, context = Coordinate(settings.block_size), Coordinate(settings.context)
+    none = Coordinate((0, 0, 0))
+    daisy.logging.set_log_basedir(Path(out) / ".logs")
+    logging.getLogger("daisy").setLevel(logging.WARNING)
+
+    predict = _task(PredictStage, "predict", out, shape, block, none, workers, worker_command)
+    fragments = _task(FragmentStage, "fragments", out, shape, block, context, workers, worker_command)
+    edges = _task(EdgeStage, "edges", out, shape, block, context, workers, worker_command)
+    log = Path(out) / ".logs" / "scheduler.log"
+    reports = _run_pipeline(predict + fragments + edges, [predict, fragments, edges], workers, progress, host, log)
+
+    graph = GraphStore(layout.graph_path(out))
+    counts = write_lookup_tables(graph, settings.thresholds)
+    graph.close()
+
+    _forget_relabel_if_threshold_changed(out, settings)
+    relabel = _task(RelabelStage, "relabel", out, shape, block, none, workers, worker_command)
+    reports += _run_pipeline(daisy.Pipeline.from_task(relabel), [relabel], workers, progress, host, log)
+    settings.extra["relabelled_at"] = settings.threshold
+    settings.save(out)
+    return {"stages": reports, "segments": counts}
+
+
+def _forget_relabel_if_threshold_changed(out: str, settings: layout.RunSettings) -> None:
+    """The relabel done markers belong to one threshold; a new threshold redoes every block."""
+    if settings.extra.get("relabelled_at", settings.threshold) != settings.threshold:
+        shutil.rmtree(layout.tracking_path(out, "relabel"), ignore_errors=True)

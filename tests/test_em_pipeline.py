@@ -1,0 +1,237 @@
+"""The blockwise EM pipeline on real computations: seamless prediction, waterz edge
+scores, global merge, relabel, evaluation, multi-process workers, remote workers by
+address, resume after kill -9, failing blocks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import waterz
+import zarr
+from funlib.geometry import Roi
+
+from psc.pipelines.em import layout
+from psc.pipelines.em.agglomerate import score_edges
+from psc.pipelines.em.evaluate import evaluate_run
+from psc.pipelines.em.graph import GraphStore, apply_lookup
+from psc.pipelines.em.merge import segments_at
+from psc.pipelines.em.metrics import evaluate
+from psc.pipelines.em.predict import AffinityPredictor
+from psc.pipelines.em.run import prepare, run
+from psc.pipelines.em.volumes import open_volume
+
+from em_fixtures import synthetic_raw, tiny_weights
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("em")
+    raw, _, labels = synthetic_raw(folder)
+    return folder, raw, tiny_weights(folder), labels
+
+
+@pytest.fixture(scope="module")
+def serial_run(inputs):
+    folder, raw, weights, _ = inputs
+    out = folder / "serial.zarr"
+    prepare(str(raw / "raw"), out, weights, block_size=(16, 24, 20), workers=1)
+    report = run(out, workers=0, progress=False)
+    return out, report
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True if two labelings group the voxels identically (ids may differ)."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def test_blockwise_prediction_equals_whole_volume(inputs):
+    _, raw_path, weights, _ = inputs
+    predictor = AffinityPredictor(weights)
+    raw = open_volume(raw_path, "raw")
+    whole = predictor.predict(raw, raw.roi)
+    blocks = np.full_like(whole, np.nan)
+    for z in range(0, raw.shape[0], 12):
+        for y in range(0, raw.shape[1], 20):
+            for x in range(0, raw.shape[2], 16):
+                roi = Roi((z, y, x), (12, 20, 16)).intersect(raw.roi)
+                blocks[(slice(None), *roi.to_slices())] = predictor.predict(raw, roi)
+    assert not np.isnan(blocks).any()
+    np.testing.assert_allclose(blocks, whole, atol=1e-5)
+    assert whole.std() > 1e-3  # the comparison is not between two constant volumes
+
+
+def test_prediction_refuses_blocks_off_the_pooling_grid(inputs):
+    _, raw_path, weights, _ = inputs
+    predictor = AffinityPredictor(weights)
+    with pytest.raises(ValueError, match="pooling grid"):
+        predictor.predict(open_volume(raw_path, "raw"), Roi((2, 0, 0), (8, 8, 8)))
+
+
+def test_merge_scores_reproduce_waterz_segmentations():
+    """Components of edges with merge score <= t equal waterz's own result at t."""
+    rng = np.random.default_rng(3)
+    fragments = (rng.integers(0, 6, (8, 10, 10)) * 100 + 7).astype(np.uint64)
+    fragments[:, :5] += 1  # more, irregular fragments
+    affinities = rng.random((3, 8, 10, 10)).astype(np.float32)
+    edges = score_edges(affinities, fragments)
+    ids = np.unique(fragments)
+    u = np.array([e[0] for e in edges], np.uint64)
+    v = np.array([e[1] for e in edges], np.uint64)
+    merge = np.array([np.inf if e[3] is None else e[3] for e in edges])
+    _, local = np.unique(fragments, return_inverse=True)
+    local = (local.reshape(fragments.shape) + 1).astype(np.uint64)
+    thresholds = [0.3, 0.45, 0.5, 0.55, 0.7]
+    reference = [seg.copy() for seg in waterz.agglomerate(affinities, thresholds, fragments=local.copy())]
+    for threshold, expected in zip(thresholds, reference):
+        mine = apply_lookup(fragments, ids, segments_at(ids, u, v, merge, threshold))
+        assert same_partition(mine, expected), threshold
+    assert len(np.unique(reference[0])) > len(np.unique(reference[-1])) > 0
+
+
+def test_serial_run_writes_consistent_arrays_and_graph(serial_run):
+    out, report = serial_run
+    assert [s.failed for s in report["stages"]] == [0, 0, 0, 0]
+    group = zarr.open_group(str(out), mode="r")
+    fragments, segmentation = group["fragments"][:], group["segmentation"][:]
+    assert group["affinities"].dtype == np.uint8 and group["affinities"].shape == (3, 40, 56, 48)
+    assert fragments.dtype == np.uint64 and 0 not in fragments
+    graph = GraphStore(out / layout.GRAPH_FILE)
+    ids, segments = graph.lookup(0.5)
+    stored = graph.fragment_ids()
+    rows = graph.connection.execute("SELECT COUNT(*), COUNT(DISTINCT u || '-' || v) FROM edges").fetchone()
+    owners = graph.connection.execute("SELECT u, block FROM edges").fetchall()
+    graph.close()
+    np.testing.assert_array_equal(np.unique(fragments), stored)
+    np.testing.assert_array_equal(segmentation, apply_lookup(fragments, ids, segments))
+    labels = np.unique(segmentation)
+    np.testing.assert_array_equal(labels, np.arange(1, len(labels) + 1))  # consecutive ids
+    assert rows[0] == rows[1] > 0  # each edge stored once
+    assert all((u >> 32) == block for u, block in owners)  # by the block of its lower fragment
+    counts = [report["segments"][t] for t in sorted(report["segments"])]
+    assert counts == sorted(counts, reverse=True)  # higher thresholds merge more
+    # fragments never cross a block face: every fragment lives in one block
+    for fragment in np.unique(fragments)[:50]:
+        zs, ys, xs = np.nonzero(fragments == fragment)
+        assert len({(z // 16, y // 24, x // 20) for z, y, x in zip(zs, ys, xs)}) == 1
+
+
+def test_ome_zarr_metadata_of_outputs(serial_run):
+    out, _ = serial_run
+    group = zarr.open_group(str(out), mode="r")
+    entries = {e["name"]: e for e in group.attrs["ome"]["multiscales"]}
+    assert set(entries) >= {"affinities", "fragments", "segmentation"}
+    scale = entries["segmentation"]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    translation = entries["affinities"]["datasets"][0]["coordinateTransformations"][1]["translation"]
+    assert scale == [8.0, 8.0, 8.0] and translation == [0.0, 80.0, 0.0, 16.0]
+    assert [a["name"] for a in entries["affinities"]["axes"]] == ["c", "z", "y", "x"]
+    assert group["segmentation"].metadata.dimension_names == ("z", "y", "x")
+
+
+def test_evaluate_run_matches_in_memory_scores(serial_run, inputs):
+    out, _ = serial_run
+    raw_path, labels = inputs[1], inputs[3]
+    results = evaluate_run(str(out), str(raw_path / "labels"), progress=False)
+    fragments = zarr.open_group(str(out), mode="r")["fragments"][:]
+    graph = GraphStore(out / layout.GRAPH_FILE)
+    for threshold in (0.3, 0.5, 0.8):
+        ids, segments = graph.lookup(threshold)
+        expected = evaluate(apply_lookup(fragments, ids, segments), labels)
+        for key, value in expected.items():
+            assert results[threshold][key] == pytest.approx(value, abs=1e-9)
+    graph.close()
+
+
+def test_two_worker_processes_give_the_serial_result(serial_run, inputs):
+    folder, raw, weights, _ = inputs
+    out = folder / "two.zarr"
+    prepare(str(raw / "raw"), out, weights, block_size=(16, 24, 20), workers=2)
+    run(out, workers=2, progress=False)
+    a, b = zarr.open_group(str(serial_run[0]), mode="r"), zarr.open_group(str(out), mode="r")
+    for name in ("affinities", "fragments", "segmentation"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_remote_workers_connect_by_address(serial_run, inputs):
+    """Workers started by a command (as on other machines) join over TCP at 127.0.0.1."""
+    folder, raw, weights, _ = inputs
+    out = folder / "remote.zarr"
+    command = f"{sys.executable} -m psc.app.worker {{out}}"
+    prepare(str(raw / "raw"), out, weights, block_size=(16, 24, 20), workers=2)
+    run(out, workers=2, worker_command=command, host="127.0.0.1", progress=False)
+    expected = zarr.open_group(str(serial_run[0]), mode="r")["segmentation"][:]
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["segmentation"][:], expected)
+
+
+def _segment_command(raw: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "psc.app.segment", str(raw), "-o", str(out), "--weights", str(weights),
+            "--block-size", "16", "24", "20", "--device", "cpu", *extra]
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(serial_run, inputs):
+    folder, raw, weights, _ = inputs
+    out = folder / "killed.zarr"
+    process = subprocess.Popen(_segment_command(raw / "raw", out, weights, "--workers", "0"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    written = out / "fragments" / "c"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if written.exists() and any(p.is_file() for p in written.rglob("*")):
+            break  # some blocks are done, others are not
+        time.sleep(0.1)
+    assert process.poll() is None, "the run ended before it could be killed; make the volume larger"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (zarr.open_group(str(out), mode="r").attrs["psc"].get("extra") or {}).get("relabelled_at")
+    finished = subprocess.run(_segment_command(raw / "raw", out, weights, "--workers", "0"),
+                              capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming" in finished.stdout
+    expected = zarr.open_group(str(serial_run[0]), mode="r")
+    result = zarr.open_group(str(out), mode="r")
+    for name in ("affinities", "fragments", "segmentation"):
+        np.testing.assert_array_equal(result[name][:], expected[name][:])
+
+
+def test_failing_blocks_are_retried_then_reported(inputs, tmp_path):
+    folder, raw, weights, _ = inputs
+    broken = tmp_path / "broken.zarr"
+    import shutil
+
+    shutil.copytree(raw, broken)
+    chunk = next(p for p in sorted((broken / "raw" / "c").rglob("*")) if p.is_file())
+    chunk.write_bytes(b"not a compressed chunk")
+    out = tmp_path / "out.zarr"
+    result = subprocess.run(_segment_command(broken / "raw", out, weights, "--workers", "1"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("psc-segment: error:")]
+    assert len(errors) == 1 and "predict" in errors[0] and "failed" in errors[0]
+    assert "Roi" in errors[0] or "[" in errors[0]  # names the failing blocks' regions
+    assert "success" not in result.stdout.lower()
+
+
+def test_em_cli_bad_inputs(inputs, tmp_path):
+    folder, raw, weights, _ = inputs
+    cases = [
+        [str(tmp_path / "missing.zarr"), "-o", str(tmp_path / "a.zarr")],
+        [str(raw / "raw"), "-o", str(tmp_path / "not-zarr")],
+        [str(raw / "raw"), "-o", str(tmp_path / "b.zarr"), "--block-size", "10", "10", "10"],
+    ]
+    from psc.app.segment import main
+
+    for argv in cases:
+        result = subprocess.run([sys.executable, "-m", "psc.app.segment", *argv, "--weights", str(weights)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0, argv
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("psc-segment: error:"), result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "a.zarr").exists()
