@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except InputError as error:
         print(f"{PROG}: error: {' '.join(str(error).splitlines())}", file=sys.stderr)  # one line, always
-        return 1
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,10 @@ PRED and GT are files or folders. Folders are matched by subject: a prediction
 GT and its subfolders; a prediction without one is skipped with a warning. Both maps
 must share a grid (shape and affine). A class absent from both has Dice NaN (printed
 ``nan``, ``null`` in ``--json``) and is left out of the mean.
+
+EM: PRED is an EM run (``OUT.zarr``: every stored threshold is scored) or a segmentation
+array (``x.zarr/NAME``), GT a labels array; prints VI split/merge and adapted Rand
+(ground-truth label 0 ignored), computed block by block.
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", nargs="+", default=None, metavar="INDEX=NAME",
                         help="classes to score (default: 1=CSF 2=GM 3=WM)")
     args = parser.parse_args(argv)
+    if any(part.endswith(".zarr") for part in args.pred.parts):
+        return _evaluate_em(args)
     try:
         names = DEFAULT_NAMES
         if args.labels:
@@ -122,6 +128,27 @@ def main(argv: list[str] | None = None) -> int:
                       *(_cell(r["hd95_mm"][n], ".2f") for n in names.values()),
                       *(_cell(r["volume_difference_percent"][n], "+.1f") for n in names.values()))
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+    return 0
+
+
+def _evaluate_em(args: argparse.Namespace) -> int:
+    from psc.pipelines.em.evaluate import evaluate_run, evaluate_volume, format_table
+    from psc.pipelines.em.layout import GRAPH_FILE
+
+    try:
+        if (args.pred / GRAPH_FILE).is_file():
+            results = evaluate_run(str(args.pred), str(args.truth), progress=sys.stderr.isatty())
+        else:
+            results = {"segmentation": evaluate_volume(str(args.pred), str(args.truth), progress=sys.stderr.isatty())}
+    except InputError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+    elif "segmentation" in results:
+        print("  ".join(f"{k} {v:.4f}" for k, v in results["segmentation"].items()))
+    else:
+        print(format_table(results))
     return 0
 
 

@@ -19,7 +19,8 @@ DEFAULT_EM_WEIGHTS = Path(psc.models.__file__).parent / "pretrained" / "em_unet3
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     em = parser.add_argument_group("EM pipeline (RAW.zarr inputs)")
     em.add_argument("--workers", type=int, default=1, help="worker processes per stage (0: in this process)")
-    em.add_argument("--threshold", type=float, default=0.5, help="agglomeration threshold of the written segmentation")
+    em.add_argument("--threshold", type=float, help="agglomeration threshold of the written segmentation "
+                    "(default: the model card's best validation threshold, else 0.5)")
     em.add_argument("--thresholds", type=float, nargs="+", help="thresholds whose lookup tables are stored "
                     "(default 0.1 ... 0.9)")
     em.add_argument("--block-size", type=int, nargs=3, default=[64, 64, 64], metavar=("Z", "Y", "X"),
@@ -28,13 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     em.add_argument("--worker-command", help="start each worker with this shell command instead (e.g. "
                     "'ssh node psc-worker {out}'); DAISY_CONTEXT tells it where the scheduler is")
     em.add_argument("--host", help="address workers connect to (default: detected; 127.0.0.1 keeps it local)")
+    em.add_argument("--stage", nargs="+", choices=("predict", "fragments", "edges", "merge", "relabel"),
+                    help="run only these stages (default: all, chained)")
     em.add_argument("--amp", action="store_true", help="bf16 (CPU) / fp16 (CUDA) autocast for the network")
 
 
 def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> int:
     from psc.pipelines.em import layout
     from psc.pipelines.em.evaluate import evaluate_run, format_table
-    from psc.pipelines.em.run import EMRunError, prepare, run
+    from psc.pipelines.em.run import STAGE_NAMES, EMRunError, prepare, run
     from psc.pipelines.mri.inference import resolve_device
 
     if len(inputs) != 1:
@@ -54,6 +57,8 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
         raise InputError(f"{weights}: no readable model card beside it ({error})") from None
     if card.backbone != "unet3d" or card.out_channels != 3:
         raise InputError(f"{weights}: a {card.backbone} model, not an affinity U-Net for EM")
+    if args.threshold is None:
+        args.threshold = float(card.metrics.get("val_best_threshold", 0.5))
     if args.workers < 0:
         raise InputError(f"--workers must be >= 0, got {args.workers}")
     device = str(resolve_device(args.device))
@@ -70,13 +75,14 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     if resuming:
         console.print(f"resuming the run in {out}", highlight=False)
     try:
-        result = run(out, workers=args.workers, worker_command=args.worker_command, host=args.host)
+        stages = tuple(args.stage) if args.stage else STAGE_NAMES
+        result = run(out, workers=args.workers, worker_command=args.worker_command, host=args.host, stages=stages)
     except EMRunError as error:
         print(f"psc-segment: error: {error}", file=sys.stderr)
         return 1
-    segments = result["segments"][float(args.threshold)]
-    console.print(f"{raw}: {time.perf_counter() - started:.1f} s; {segments} segments at threshold "
-                  f"{args.threshold:g}", highlight=False)
+    segments = result["segments"].get(float(args.threshold))
+    summary = f"; {segments} segments at threshold {args.threshold:g}" if segments is not None else ""
+    console.print(f"{raw}: {time.perf_counter() - started:.1f} s{summary}", highlight=False)
     for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION, layout.GRAPH_FILE):
         console.print(f"  {Path(out) / name}", highlight=False)
     if args.gt:

@@ -177,7 +177,7 @@ def test_existing_array_refused_without_force_replaced_with_it(tmp_path, capsys)
     assert run_cli(capsys, tmp_path / "old.npy", destination, "--voxel-size", 8, 8, 8)[0] == 0
 
     code, _, err = run_cli(capsys, tmp_path / "new.npy", destination, "--voxel-size", 4, 4, 4)
-    assert code == 1 and len(err) == 1 and err[0].startswith("psc-convert: error:") and "--force" in err[0]
+    assert code == 2 and len(err) == 1 and err[0].startswith("psc-convert: error:") and "--force" in err[0]
     np.testing.assert_array_equal(volumes.open_volume(destination, "raw").array[...], old)
 
     code, _, err = run_cli(capsys, tmp_path / "new.npy", destination, "--voxel-size", 4, 4, 4, "--force")
@@ -330,7 +330,7 @@ def test_installed_script(tmp_path):
     destination = tmp_path / "out.zarr"
     bad = subprocess.run([script, f"{source}:/missing", str(destination), "--voxel-size", "8", "8", "8"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert bad.stderr.splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("psc-convert: error:")
     assert "/stack" in bad.stderr and "Traceback" not in bad.stderr and not destination.exists()
     good = subprocess.run([script, f"{source}:/stack", str(destination), "--voxel-size", "8", "8", "8"],

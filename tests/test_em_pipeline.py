@@ -235,3 +235,20 @@ def test_em_cli_bad_inputs(inputs, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("psc-segment: error:"), result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "a.zarr").exists()
+
+
+def test_psc_eval_scores_a_run_and_a_single_array(serial_run, inputs, capsys):
+    from psc.app.evaluate import main as eval_main
+
+    out, _ = serial_run
+    labels = inputs[1] / "labels"
+    assert eval_main([str(out), str(labels), "--json"]) == 0
+    printed = __import__("json").loads(capsys.readouterr().out)
+    expected = evaluate_run(str(out), str(labels), progress=False)
+    assert set(printed) == {str(t) for t in expected}
+    assert printed["0.5"]["voi"] == pytest.approx(expected[0.5]["voi"])
+    assert eval_main([str(out / "segmentation"), str(labels), "--json"]) == 0
+    single = __import__("json").loads(capsys.readouterr().out)["segmentation"]
+    assert single["voi"] == pytest.approx(expected[0.5]["voi"])  # the run was relabelled at 0.5
+    assert eval_main([str(out), str(out / "missing.zarr")]) == 2
+    assert capsys.readouterr().err.startswith("psc-eval: error:")

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,9 +174,22 @@ def _run_pipeline(pipeline, tasks, workers: int, progress: bool, host: str | Non
     return reports
 
 
+STAGE_NAMES = ("predict", "fragments", "edges", "merge", "relabel")
+
+
 def run(out: str | Path, workers: int = 1, worker_command: str | None = None, host: str | None = None,
-        progress: bool = True) -> dict:
-    """Run (or resume) every stage of the run prepared in ``out``."""
+        progress: bool = True, stages: tuple[str, ...] = STAGE_NAMES) -> dict:
+    """Run (or resume) the stages of the run prepared in ``out``.
+
+    All stages: predict -> fragments -> edges as one daisy pipeline with block
+    dependencies (a fragments block starts as soon as the predict blocks under its read
+    ROI are done), then the global merge, then relabel. A subset runs each named stage
+    on its own, in order (what ``--stage`` and the benchmark use); it is the caller's
+    business that the stages before it are done.
+    """
+    unknown = set(stages) - set(STAGE_NAMES)
+    if unknown:
+        raise InputError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGE_NAMES)}")
     out = str(out)
     settings = layout.RunSettings.load(out)
     shape = Coordinate(open_volume(out, layout.FRAGMENTS).shape)
@@ -183,23 +197,42 @@ def run(out: str | Path, workers: int = 1, worker_command: str | None = None, ho
     none = Coordinate((0, 0, 0))
     daisy.logging.set_log_basedir(Path(out) / ".logs")
     logging.getLogger("daisy").setLevel(logging.WARNING)
-
-    predict = _task(PredictStage, "predict", out, shape, block, none, workers, worker_command)
-    fragments = _task(FragmentStage, "fragments", out, shape, block, context, workers, worker_command)
-    edges = _task(EdgeStage, "edges", out, shape, block, context, workers, worker_command)
     log = Path(out) / ".logs" / "scheduler.log"
-    reports = _run_pipeline(predict + fragments + edges, [predict, fragments, edges], workers, progress, host, log)
+    tasks = {
+        "predict": _task(PredictStage, "predict", out, shape, block, none, workers, worker_command),
+        "fragments": _task(FragmentStage, "fragments", out, shape, block, context, workers, worker_command),
+        "edges": _task(EdgeStage, "edges", out, shape, block, context, workers, worker_command),
+    }
+    reports, counts, seconds = [], {}, {}
 
-    graph = GraphStore(layout.graph_path(out))
-    counts = write_lookup_tables(graph, settings.thresholds)
-    graph.close()
+    def blockwise(names: list[str]) -> None:
+        started = time.perf_counter()
+        chosen = [tasks[name] for name in names]
+        pipeline = daisy.Pipeline.from_task(chosen[0])
+        for task in chosen[1:]:
+            pipeline = pipeline + task
+        reports.extend(_run_pipeline(pipeline, chosen, workers, progress, host, log))
+        seconds["+".join(names)] = time.perf_counter() - started
 
-    _forget_relabel_if_threshold_changed(out, settings)
-    relabel = _task(RelabelStage, "relabel", out, shape, block, none, workers, worker_command)
-    reports += _run_pipeline(daisy.Pipeline.from_task(relabel), [relabel], workers, progress, host, log)
-    settings.extra["relabelled_at"] = settings.threshold
-    settings.save(out)
-    return {"stages": reports, "segments": counts}
+    chained = [name for name in ("predict", "fragments", "edges") if name in stages]
+    if tuple(stages) == STAGE_NAMES:
+        blockwise(chained)
+    else:
+        for name in chained:
+            blockwise([name])
+    if "merge" in stages:
+        started = time.perf_counter()
+        graph = GraphStore(layout.graph_path(out))
+        counts = write_lookup_tables(graph, settings.thresholds)
+        graph.close()
+        seconds["merge"] = time.perf_counter() - started
+    if "relabel" in stages:
+        _forget_relabel_if_threshold_changed(out, settings)
+        tasks["relabel"] = _task(RelabelStage, "relabel", out, shape, block, none, workers, worker_command)
+        blockwise(["relabel"])
+        settings.extra["relabelled_at"] = settings.threshold
+        settings.save(out)
+    return {"stages": reports, "segments": counts, "seconds": seconds}
 
 
 def _forget_relabel_if_threshold_changed(out: str, settings: layout.RunSettings) -> None:
