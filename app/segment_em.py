@@ -83,8 +83,13 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     segments = result["segments"].get(float(args.threshold))
     summary = f"; {segments} segments at threshold {args.threshold:g}" if segments is not None else ""
     console.print(f"{raw}: {time.perf_counter() - started:.1f} s{summary}", highlight=False)
-    for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION, layout.GRAPH_FILE):
-        console.print(f"  {Path(out) / name}", highlight=False)
+    if "relabel" in stages:
+        from psc.pipelines.em.qc import write_qc
+
+        write_qc(out)
+    for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION, layout.GRAPH_FILE, "qc.png"):
+        if (Path(out) / name).exists():
+            console.print(f"  {Path(out) / name}", highlight=False)
     if args.gt:
         console.print(format_table(evaluate_run(str(out), args.gt)), highlight=False)
     return 0

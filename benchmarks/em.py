@@ -60,7 +60,11 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--weights", default=str(DEFAULT_EM_WEIGHTS))
     parser.add_argument("--one", nargs=3, metavar=("RAW", "OUT", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--make", nargs=2, metavar=("FOLDER", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make:
+        print(make_raw(Path(args.make[0]), int(args.make[1])))
+        return
     if args.one:
         raw, out, workers = args.one
         print(json.dumps(one_case(raw, out, args.weights, int(workers), args.block)))
@@ -69,7 +73,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            raw = make_raw(Path(tmp), size)
+            # made in a child process: Linux keeps a process's peak RSS across fork + exec,
+            # so a parent holding the volume would inflate every case's scheduler peak
+            raw = subprocess.run([sys.executable, __file__, "--make", tmp, str(size)], capture_output=True,
+                                 text=True, check=True).stdout.strip().splitlines()[-1]
             for workers in args.workers:
                 out = Path(tmp) / f"out{size}-{workers}.zarr"
                 result = subprocess.run([sys.executable, __file__, "--one", raw, str(out), str(workers),

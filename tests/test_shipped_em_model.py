@@ -1,0 +1,61 @@
+"""The EM model that ships: small, hashed, an affinity U-Net, and far better than the
+naive baseline, on a synthetic volume made here and (when ../shared/data is present) on
+the FIB-25 crop that no model was trained on, through the full blockwise pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from psc.app.segment_em import DEFAULT_EM_WEIGHTS
+from psc.models.weights import load_weights
+from psc.pipelines.em.baseline import baseline_segmentation
+from psc.pipelines.em.evaluate import evaluate_run
+from psc.pipelines.em.metrics import evaluate
+from psc.pipelines.em.run import prepare, run
+from psc.pipelines.em.synthetic import make_em_volume
+from psc.pipelines.em.volumes import create_volume
+
+FIB25 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fib25" / "tiny_fib_example.h5"
+
+
+def test_shipped_em_weights_load_and_are_small():
+    model, card = load_weights(DEFAULT_EM_WEIGHTS)
+    assert DEFAULT_EM_WEIGHTS.stat().st_size < 10 * 2**20
+    assert card.backbone == "unet3d" and card.out_channels == 3
+    assert card.parameters == sum(p.numel() for p in model.parameters())
+    assert card.training["terms"] and card.training["data"]
+    assert 0 < card.metrics["val_best_threshold"] < 1
+
+
+def _pipeline_vi(tmp_path: Path, raw: np.ndarray, labels: np.ndarray, block=(32, 32, 32)) -> dict:
+    raw_volume = create_volume(tmp_path / "raw.zarr", "raw", raw.shape, "uint8", block, (8, 8, 8))
+    raw_volume.write(raw_volume.roi, raw)
+    gt = create_volume(tmp_path / "raw.zarr", "labels", labels.shape, "uint64", block, (8, 8, 8))
+    gt.write(gt.roi, labels)
+    out = tmp_path / "out.zarr"
+    prepare(str(tmp_path / "raw.zarr" / "raw"), out, DEFAULT_EM_WEIGHTS, block_size=block, workers=1)
+    run(out, workers=0, progress=False)
+    return evaluate_run(str(out), str(tmp_path / "raw.zarr" / "labels"), progress=False)
+
+
+def test_shipped_em_model_beats_the_baseline_on_synthetic_cells(tmp_path):
+    raw, labels = make_em_volume((48, 64, 64), cell_size=24, seed=3)
+    results = _pipeline_vi(tmp_path, raw, labels)
+    best = min(row["voi"] for row in results.values())
+    baseline = evaluate(baseline_segmentation(raw), labels)["voi"]
+    assert best < 0.6 * baseline, (best, baseline)
+
+
+@pytest.mark.skipif(not FIB25.exists(), reason="needs ../shared/data/fib25")
+def test_shipped_em_model_on_an_unseen_fib25_crop(tmp_path):
+    import h5py
+
+    with h5py.File(FIB25) as f:
+        raw, labels = f["raw"][:], f["labels"][:].astype(np.uint64)
+    results = _pipeline_vi(tmp_path, raw, labels, block=(48, 48, 48))
+    best = min(row["voi"] for row in results.values())
+    baseline = evaluate(baseline_segmentation(raw), labels)["voi"]
+    assert best < 0.6 * baseline, (best, baseline)
