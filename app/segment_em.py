@@ -91,5 +91,5 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
         if (Path(out) / name).exists():
             console.print(f"  {Path(out) / name}", highlight=False)
     if args.gt:
-        console.print(format_table(evaluate_run(str(out), args.gt)), highlight=False)
+        print(format_table(evaluate_run(str(out), args.gt, progress=sys.stderr.isatty())))
     return 0

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     scans = args.scans or default_scans()
-    weights = args.weights or [DEFAULT_WEIGHTS, *sorted((ROOT / "benchmarks" / "weights").glob("*.pt"))]
+    weights = args.weights or [DEFAULT_WEIGHTS, *sorted((ROOT / "benchmarks" / "weights").glob("mri_*.pt"))]
     console = Console(width=150)
     console.print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
                   f"overlap {args.overlap}")

@@ -252,3 +252,15 @@ def test_psc_eval_scores_a_run_and_a_single_array(serial_run, inputs, capsys):
     assert single["voi"] == pytest.approx(expected[0.5]["voi"])  # the run was relabelled at 0.5
     assert eval_main([str(out), str(out / "missing.zarr")]) == 2
     assert capsys.readouterr().err.startswith("psc-eval: error:")
+
+
+def test_qc_picture_shows_the_section(serial_run):
+    import matplotlib.image
+
+    from psc.pipelines.em.qc import write_qc
+
+    path = write_qc(serial_run[0])
+    picture = matplotlib.image.imread(path)
+    assert picture.shape[0] > 200 and picture.shape[1] > 600
+    assert picture[..., :3].std() > 0.05  # not a blank canvas
+    assert len(np.unique((picture[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 100
