@@ -58,15 +58,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_bf16_supported() -> bool:
-    """True where oneDNN runs bf16 natively (AVX512-BF16 / AMX): there bf16 autocast is
-    2-3x faster on CPU; elsewhere it is emulated and slower, so it stays off."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 class _Softmax(nn.Module):
     """The network as the inferer sees it: probabilities, optionally averaged with the
     left-right mirrored prediction (flip test-time augmentation)."""
@@ -79,12 +70,7 @@ class _Softmax(nn.Module):
         if self.on_window is not None:
             self.on_window()
         x = x.contiguous(memory_format=torch.channels_last_3d)
-        if self.amp and x.is_cuda:
-            autocast = torch.autocast("cuda", dtype=torch.float16)
-        elif self.amp and cpu_bf16_supported():
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-        else:
-            autocast = nullcontext()
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp and x.is_cuda else nullcontext()
         with autocast:
             probs = torch.softmax(self.model(x).float(), dim=1)
             if self.tta:  # axis 2 is left-right in RAS model space
