@@ -1,0 +1,286 @@
+"""Readers: psc's MRI outputs (NIfTI/MGZ) and the EM pipeline's OME-Zarr containers as
+napari layer data tuples ``(data, kwargs, layer_type)``.
+
+MRI: a scan is an image with its voxel sizes as ``scale`` and the affine's origin as
+``translate`` (mm; world = RAS for an axis-aligned scan); ``*_dseg`` files are Labels
+with the tissue names (from the ``_dseg.tsv`` beside them, else psc's own) in
+``features`` and psc's overlay colours; ``*_probseg`` files (4-D, classes last) open
+with the class axis as napari's channel axis, one image layer per class. The full
+affine travels in ``metadata["psc"]["affine"]`` so the writer puts labels back on the
+scan's exact grid.
+
+EM: every array of a container (``RAW.zarr`` or an ``OUT.zarr`` of a run) or a single
+array (``x.zarr/NAME``) becomes a lazy dask array (nothing is read until a slice is
+shown), placed in nanometres by its ``voxel_size`` and ``offset``: raw as an image,
+affinities as three channels (z, y, x), fragments, segmentation and labels as Labels.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+LayerData = tuple[Any, dict, str]
+
+MRI_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+LABEL_ARRAYS = ("fragments", "segmentation", "labels", "gt", "ground_truth", "seg")
+AFFINITY_AXES = ("z", "y", "x")
+AFFINITY_COLOURS = ("red", "green", "blue")
+# psc's QC overlay colours (pipelines/mri/outputs.py), so napari shows what the PNG shows
+TISSUE_COLOURS = {None: (0.6, 0.6, 0.6, 1.0), 0: (0.0, 0.0, 0.0, 0.0), 1: (0.15, 0.55, 1.0, 1.0),
+                  2: (1.0, 0.35, 0.2, 1.0), 3: (1.0, 0.9, 0.2, 1.0)}
+
+
+# --- what a path is -------------------------------------------------------------------
+
+def is_mri_path(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(MRI_SUFFIXES) and Path(path).is_file()
+
+
+def is_zarr_path(path: str | os.PathLike) -> bool:
+    """A zarr container or array: a folder with ``zarr.json`` (v3) or ``.zgroup``/``.zarray`` (v2)."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray"))
+
+
+def mri_stem(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for suffix in MRI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def mri_kind(path: str | os.PathLike) -> str:
+    """``dseg``, ``probseg`` or ``image``, by psc's output names."""
+    stem = mri_stem(path)
+    if stem.endswith("_dseg"):
+        return "dseg"
+    if stem.endswith("_probseg"):
+        return "probseg"
+    return "image"
+
+
+# --- npe2 reader command --------------------------------------------------------------
+
+def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """The npe2 ``get_reader`` command: a reader function if psc can read ``path``."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths or not all(is_mri_path(p) or is_readable_zarr(p) for p in paths):
+        return None
+    return read
+
+
+def read(path: str | list[str]) -> list[LayerData]:
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    layers: list[LayerData] = []
+    for item in paths:
+        layers += read_mri(item) if is_mri_path(item) else read_zarr(item)
+    return layers
+
+
+# --- MRI ------------------------------------------------------------------------------
+
+def mri_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(scale, translate) of a voxel -> world affine: voxel sizes (column norms) and origin, mm."""
+    affine = np.asarray(affine, dtype=np.float64)
+    scale = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0)))
+    return scale, tuple(float(v) for v in affine[:3, 3])
+
+
+def tissue_names(path: str | os.PathLike, values: np.ndarray | None = None) -> dict[int, str]:
+    """Names of a dseg's labels: its ``<stem>.tsv`` sidecar (``index<TAB>name``, what
+    psc-segment writes), else psc's tissue classes."""
+    from psc.pipelines.mri.config import LABELS
+
+    sidecar = Path(path).with_name(mri_stem(path) + ".tsv")
+    names: dict[int, str] = {}
+    if sidecar.is_file():
+        for line in sidecar.read_text().splitlines()[1:]:
+            parts = line.split("\t")
+            if len(parts) >= 2 and parts[0].strip().lstrip("-").isdigit():
+                names[int(parts[0])] = parts[1].strip()
+    if not names:
+        names = dict(LABELS)
+    if values is not None:  # labels in the data but not named
+        for value in values:
+            names.setdefault(int(value), f"label {int(value)}")
+    return dict(sorted(names.items()))
+
+
+def label_features(names: dict[int, str]) -> dict[str, list]:
+    """napari's Labels ``features``: one row per label, the ``index`` column says which."""
+    return {"index": list(names), "name": list(names.values())}
+
+
+def read_mri(path: str | os.PathLike) -> list[LayerData]:
+    import nibabel as nib
+
+    path = Path(path)
+    image = nib.load(str(path))
+    data = np.asanyarray(image.dataobj)  # a memory map for uncompressed .nii
+    while data.ndim > 3 and data.shape[-1] == 1 and mri_kind(path) != "probseg":
+        data = data[..., 0]
+    affine = np.asarray(image.affine, dtype=np.float64)
+    scale, translate = mri_geometry(affine)
+    kind, stem = mri_kind(path), mri_stem(path)
+    axcodes = "".join(nib.orientations.aff2axcodes(affine))
+    psc = {"kind": "mri", "role": kind, "path": str(path), "affine": affine.tolist(), "axcodes": axcodes}
+    common = {"scale": scale, "translate": translate, "units": "mm", "axis_labels": ("i", "j", "k"),
+              "metadata": {"psc": psc}}
+    if kind == "dseg":
+        labels = np.asarray(data)
+        if not np.issubdtype(labels.dtype, np.integer):
+            labels = np.rint(labels).astype(np.int32)
+        names = tissue_names(path, np.unique(labels))
+        psc["labels"] = {str(k): v for k, v in names.items()}
+        colours = {k: v for k, v in TISSUE_COLOURS.items() if k is None or k in names}
+        return [(labels, {**common, "name": stem, "features": label_features(names), "colormap": colours,
+                          "opacity": 0.5}, "labels")]
+    if kind == "probseg" and data.ndim == 4:
+        dseg_names = tissue_names(path.with_name(stem.removesuffix("_probseg") + "_dseg.nii.gz"))
+        classes = data.shape[3]
+        names = [f"{stem} {dseg_names.get(c, f'class {c}')}" for c in range(classes)]
+        psc["labels"] = {str(c): dseg_names.get(c, f"class {c}") for c in range(classes)}
+        return [(data, {**common, "name": names, "channel_axis": 3, "contrast_limits": [(0.0, 1.0)] * classes,
+                        "colormap": ["gray", "blue", "red", "yellow", "green", "magenta", "cyan"][:classes]
+                        if classes <= 7 else None, "blending": "additive", "visible": [False] * classes},
+                 "image")]
+    if data.ndim != 3:
+        # e.g. a 4-D series: napari shows the extra axis as a slider
+        common = {**common, "scale": scale + (1.0,) * (data.ndim - 3), "translate": translate + (0.0,) * (data.ndim - 3),
+                  "units": None, "axis_labels": None}
+    return [(data, {**common, "name": stem, "colormap": "gray"}, "image")]
+
+
+# --- EM (zarr) ------------------------------------------------------------------------
+
+def _open_node(path: str | os.PathLike):
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return zarr.open(str(path), mode="r")
+
+
+def _array_names(group) -> list[str]:
+    with warnings.catch_warnings():  # graph.sqlite and .tracking/ sit beside the arrays
+        warnings.simplefilter("ignore")
+        return sorted(name for name, array in group.arrays() if array.ndim in (3, 4))
+
+
+def is_readable_zarr(path: str | os.PathLike) -> bool:
+    """A zarr array of 3 or 4 dimensions, or a container holding such arrays directly
+    (psc's layout; multiscale pyramids in subgroups are left to OME-Zarr readers)."""
+    if not is_zarr_path(path):
+        return False
+    try:
+        node = _open_node(path)
+    except Exception:
+        return False
+    import zarr
+
+    if isinstance(node, zarr.Array):
+        return node.ndim in (3, 4)
+    return bool(_array_names(node))
+
+
+def is_em_run(path: str | os.PathLike) -> bool:
+    """An ``OUT.zarr`` of ``psc-segment``: its group carries the run's settings."""
+    if not is_zarr_path(path):
+        return False
+    try:
+        import zarr
+
+        node = _open_node(path)
+        return isinstance(node, zarr.Group) and "psc" in node.attrs
+    except Exception:
+        return False
+
+
+def _order(names: list[str]) -> list[str]:
+    """Raw and images first (bottom of the layer list), then affinities, fragments, the
+    segmentation, and ground truth on top."""
+    rank = {"raw": 0, "affinities": 2, "fragments": 3, "segmentation": 4, "labels": 5}
+    return sorted(names, key=lambda name: (rank.get(name, 1), name))
+
+
+def read_zarr(path: str | os.PathLike, names: list[str] | None = None) -> list[LayerData]:
+    """Layers for a container (each array in it, or ``names``) or for one array."""
+    import zarr
+
+    path = Path(path)
+    node = _open_node(path)
+    if isinstance(node, zarr.Array):
+        return [em_layer(path.parent, path.name)]
+    run = "psc" in node.attrs
+    layers = [em_layer(path, name, run=path if run else None) for name in _order(names or _array_names(node))]
+    return layers
+
+
+def em_layer(container: str | os.PathLike, name: str, run: str | os.PathLike | None = None,
+             layer_name: str | None = None) -> LayerData:
+    """One array of a psc zarr container as a lazy layer in nanometres."""
+    import dask.array as da
+
+    from psc.pipelines.em.volumes import open_volume
+
+    container = Path(container)
+    volume = open_volume(container, name)
+    data = da.from_zarr(volume.array)
+    psc = {"kind": "em", "path": str(container), "array": name}
+    if run is not None:
+        psc["run"] = str(run)
+    spatial = {"scale": tuple(volume.voxel_size), "translate": tuple(volume.offset), "units": "nm",
+               "axis_labels": ("z", "y", "x"), "metadata": {"psc": psc}}
+    title = layer_name or name
+    if volume.channels:
+        channels = volume.channels
+        axes = AFFINITY_AXES if channels == 3 else tuple(f"c{i}" for i in range(channels))
+        limits = (0.0, 255.0) if data.dtype == np.uint8 else (0.0, 1.0)
+        return (data, {**spatial, "name": [f"{title} {axis}" for axis in axes], "channel_axis": 0,
+                       "colormap": list(AFFINITY_COLOURS) if channels == 3 else None,
+                       "contrast_limits": [limits] * channels, "blending": "additive",
+                       "visible": name != "affinities"}, "image")
+    if np.issubdtype(data.dtype, np.integer) and (name in LABEL_ARRAYS or data.dtype.itemsize >= 4):
+        return (data, {**spatial, "name": title, "opacity": 0.5, "visible": name != "fragments"}, "labels")
+    meta = {**spatial, "name": title, "colormap": "gray"}
+    if data.dtype == np.uint8:  # known range: napari need not scan a huge array for it
+        meta["contrast_limits"] = (0.0, 255.0)
+    elif data.dtype == np.uint16:
+        meta["contrast_limits"] = (0.0, 65535.0)
+    return (data, meta, "image")
+
+
+def em_run_layers(out: str | os.PathLike) -> list[LayerData]:
+    """An EM run as psc-view shows it: its raw (from the run's settings, if still
+    there), then the affinities, fragments and segmentation."""
+    raw = run_raw(out)
+    return ([em_layer(*raw)] if raw is not None else []) + read_zarr(out)
+
+
+def run_raw(out: str | os.PathLike) -> tuple[Path, str] | None:
+    """(container, array name) of the raw volume an EM run was made from, if it exists."""
+    import zarr
+
+    from psc.pipelines.em import layout
+    from psc.pipelines.em.volumes import open_volume
+    from psc.pipelines.errors import InputError
+
+    try:
+        settings = layout.RunSettings.load(out)
+        if settings.raw_name:
+            return Path(settings.raw), settings.raw_name
+        raw = Path(settings.raw)
+        if isinstance(_open_node(raw), zarr.Array):  # RAW.zarr/raw
+            return raw.parent, raw.name
+        volume = open_volume(raw)  # a container: its only array, or "raw"
+        return raw, str(volume.array.path).rsplit("/", 1)[-1]
+    except (InputError, KeyError, OSError, TypeError, ValueError):
+        return None
+    except Exception:  # zarr's own errors, for a raw volume that moved or was deleted
+        return None
