@@ -25,8 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from psc.app.cli import HelpFormatter
-from psc.pipelines.errors import InputError
+from psc.app.cli import HelpFormatter, run_guarded
 
 PROG = "psc-convert"
 
@@ -68,14 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        return run(args)
-    except InputError as error:
-        print(f"{PROG}: error: {' '.join(str(error).splitlines())}", file=sys.stderr)  # one line, always
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import psc.models
-from psc.app.cli import HelpFormatter
+from psc.app.cli import HelpFormatter, run_guarded
 from psc.app.segment_em import add_arguments as add_em_arguments
 from psc.app.segment_em import run_em
 from psc.pipelines.errors import InputError
@@ -150,14 +150,7 @@ def report(console: Console, path: Path, paths: dict[str, Path], labels, names: 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        return run(args, Console(highlight=False))
-    except InputError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(PROG, lambda: run(args, Console(highlight=False)))
 
 
 if __name__ == "__main__":

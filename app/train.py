@@ -9,6 +9,16 @@ import sys
 from psc.pipelines.mri import config
 
 
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    """What every training run takes: seed, threads, resume, export and the data's card."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--export", default="", help="write the best weights + model card here at the end")
+    p.add_argument("--data-source", default="", help="where the training data comes from (model card)")
+    p.add_argument("--data-terms", default="", help="the terms of use of the training data (model card)")
+
+
 def _mri_parser(sub) -> None:
     p = sub.add_parser("mri", help="brain tissue model from (scan, <stem>_seg) pairs")
     p.add_argument("--data", required=True, help="folder searched for <stem>.nii.gz + <stem>_seg.nii.gz pairs")
@@ -21,12 +31,7 @@ def _mri_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--patch", type=int, nargs=3, default=list(config.PATCH_SIZE))
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--export", default="", help="write the best weights + model card here at the end")
-    p.add_argument("--data-source", default="", help="where the training data comes from (model card)")
-    p.add_argument("--data-terms", default="", help="the terms of use of the training data (model card)")
+    _run_arguments(p)
 
 
 def _em_parser(sub) -> None:
@@ -44,12 +49,7 @@ def _em_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--out-size", type=int, default=24, help="output crop side (a valid U-Net output size)")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--export", default="", help="write the best weights + model card here at the end")
-    p.add_argument("--data-source", default="", help="where the training data comes from (model card)")
-    p.add_argument("--data-terms", default="", help="the terms of use of the training data (model card)")
+    _run_arguments(p)
 
 
 def _train_em(args) -> int:
