@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     em.add_argument("--amp", action="store_true", help="bf16 (CPU) / fp16 (CUDA) autocast for the network")
 
 
+def default_output(raw: Path) -> Path:
+    """``fib.zarr`` or ``fib.zarr/raw`` -> ``fib_psc.zarr`` beside the container, never inside it."""
+    container = next((p for p in (raw, *raw.parents) if p.name.endswith(".zarr")), raw)
+    return container.with_name(container.name.removesuffix(".zarr") + "_psc.zarr")
+
+
 def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> int:
     from psc.pipelines.em import layout
     from psc.pipelines.em.evaluate import evaluate_run, format_table
@@ -43,7 +49,7 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     if len(inputs) != 1:
         raise InputError("the EM pipeline takes one RAW.zarr input per call")
     raw = inputs[0]
-    out = args.output or raw.with_name(raw.name.removesuffix(".zarr").rstrip("/") + "_psc.zarr")
+    out = args.output or default_output(raw)
     if not str(out).endswith(".zarr"):
         raise InputError(f"{out}: the EM output must be a .zarr container")
     weights = args.weights or DEFAULT_EM_WEIGHTS

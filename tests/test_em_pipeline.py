@@ -264,3 +264,10 @@ def test_qc_picture_shows_the_section(serial_run):
     assert picture.shape[0] > 200 and picture.shape[1] > 600
     assert picture[..., :3].std() > 0.05  # not a blank canvas
     assert len(np.unique((picture[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 100
+
+
+def test_default_output_sits_beside_the_input_container():
+    from psc.app.segment_em import default_output
+
+    assert default_output(Path("data/fib.zarr")) == Path("data/fib_psc.zarr")
+    assert default_output(Path("data/fib.zarr/raw")) == Path("data/fib_psc.zarr")
