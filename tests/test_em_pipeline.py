@@ -271,3 +271,21 @@ def test_default_output_sits_beside_the_input_container():
 
     assert default_output(Path("data/fib.zarr")) == Path("data/fib_psc.zarr")
     assert default_output(Path("data/fib.zarr/raw")) == Path("data/fib_psc.zarr")
+
+
+def test_the_model_is_loaded_once_per_worker_not_per_block(inputs, tmp_path, monkeypatch):
+    from psc.pipelines.em import predict
+
+    folder, raw, weights, _ = inputs
+    loads = []
+    original = predict.AffinityPredictor.__init__
+
+    def counting(self, *args, **kwargs):
+        loads.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(predict.AffinityPredictor, "__init__", counting)
+    out = tmp_path / "once.zarr"
+    prepare(str(raw / "raw"), out, weights, block_size=(16, 24, 20), workers=1)
+    report = run(out, workers=0, progress=False, stages=("predict",))
+    assert report["stages"][0].blocks > 4 and len(loads) == 1
