@@ -8,6 +8,14 @@ convolution (Bui et al. use strided convolutions instead of pooling); a side out
 per dense block, upsampled to full resolution, all concatenated before a 1x1x1
 classifier. As in the PmSCn paper's reproduction the upsampling is plain
 (trilinear) rather than learned deconvolution.
+
+Input sizes: each transition halves the grid (rounding up), and the side outputs are
+upsampled back to the input's size. That is exact only when every size is a multiple
+of ``size_divisor`` (2 per transition): for other sizes the coarse side outputs would be
+stretched by a fraction of a voxel and land beside the anatomy (whole-scan inference of
+an IBSR crop of 148 x 123 x 144 voxels lost 0.009 mean Dice that way). So ``forward``
+zero-pads the input at the far end of each axis up to the next multiple, which keeps
+voxel 0 where it is, and crops the output back.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv_registry import ConvBuilder
-from .layers import ConvChain, act_layer, norm_layer
+from .layers import ConvChain, act_layer, full_precision, norm_layer
 from .model_registry import register_model
 
 
@@ -88,20 +96,29 @@ class DenseNet3d(nn.Module):
                 self.transitions.append(_Transition(conv, channels, reduced, norm, act))
                 channels = reduced
         self.classifier = nn.Conv3d(side_channels * len(block_layers), out_channels, 1)
+        self.size_divisor = 2 ** len(self.transitions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[2:]
-        x = self.stem(x)
+        size = tuple(x.shape[2:])
+        pad = [(-s) % self.size_divisor for s in size]
+        if any(pad):  # F.pad lists the last axis first: (x_low, x_high, y_low, y_high, ...)
+            x = F.pad(x, [v for p in reversed(pad) for v in (0, p)])
+        padded = x.shape[2:]
+        first, *rest = self.stem  # the first convolution sees raw intensities: fp32
+        x = full_precision(first, x)
+        for layer in rest:
+            x = layer(x)
         sides = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             side = self.sides[i](x)
             if i > 0:
-                side = F.interpolate(side, size=size, mode="trilinear", align_corners=False)
+                side = F.interpolate(side, size=padded, mode="trilinear", align_corners=False)
             sides.append(side)
             if i < len(self.transitions):
                 x = self.transitions[i](x)
-        return self.classifier(torch.cat(sides, dim=1))
+        out = full_precision(self.classifier, torch.cat(sides, dim=1))
+        return out[:, :, : size[0], : size[1], : size[2]] if any(pad) else out
 
 
 @register_model("densenet3d", in_channels=1, out_channels=4)

@@ -47,6 +47,22 @@ def test_densenet3d_keeps_input_size(conv, shape):
     check_conv_choice(model, conv)
 
 
+@pytest.mark.parametrize("conv", ["conv3d", "p2sc2"])
+def test_densenet3d_pads_odd_sizes_to_its_stride_grid(conv):
+    """Sizes off the stride grid (here 8) are zero-padded at the far end and cropped
+    back, so the coarse side outputs stay aligned with the input: the output equals the
+    output of the explicitly padded input. (Upsampling the side outputs straight to 21
+    voxels instead stretched them by a fraction of a voxel, and this failed.)"""
+    torch.manual_seed(0)
+    model = build_model("densenet3d", conv=conv, **{**TINY["densenet3d"], "block_layers": (1, 1, 1, 1)}).eval()
+    assert model.size_divisor == 8
+    x = torch.randn(1, 1, 21, 19, 26)
+    with torch.no_grad():
+        y = model(x)
+        padded = model(torch.nn.functional.pad(x, (0, 6, 0, 5, 0, 3)))  # to 24, 24, 32
+    assert torch.allclose(y, padded[:, :, :21, :19, :26], atol=1e-6)
+
+
 @pytest.mark.parametrize("conv", CONVS)
 def test_unet3d_same_and_valid(conv):
     same = build_model("unet3d", conv=conv, padding="same", **TINY["unet3d"])
