@@ -25,6 +25,7 @@ from psc.app.cli import HelpFormatter, run_guarded
 from psc.app.segment_em import add_arguments as add_em_arguments
 from psc.app.segment_em import run_em
 from psc.pipelines.errors import InputError
+from psc.pipelines.precision import PRECISIONS
 
 
 PROG = "psc-segment"
@@ -58,6 +59,19 @@ def _is_output(path: Path) -> bool:
     return any(path.name.endswith(s) for s in ("_dseg.nii.gz", "_probseg.nii.gz"))
 
 
+def window_size(text: str) -> tuple[int, int, int] | None:
+    """``auto`` (None), ``N`` (a cube) or ``Z,Y,X``."""
+    if text == "auto":
+        return None
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, N or Z,Y,X") from None
+    if len(sizes) not in (1, 3) or min(sizes) < 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto, one size or three, each at least 8")
+    return tuple(sizes * 3 if len(sizes) == 1 else sizes)  # type: ignore[return-value]
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""),
                                      formatter_class=HelpFormatter)
@@ -69,6 +83,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, help="weights .pt with its .json card (default: the shipped "
                         "MRI or EM model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="network precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16 "
+                        "(AVX512-BF16/AMX), else fp32")
+    parser.add_argument("--window", type=window_size, default=None, metavar="auto|N|Z,Y,X",
+                        help="sliding window in model voxels; auto: the whole brain crop in one window "
+                        "when it fits, else 96^3 tiles (default: auto)")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
     parser.add_argument("--tta", action="store_true", help="average with the left-right mirrored prediction")
     parser.add_argument("--mask", type=Path, help="brain mask (same grid) instead of the nonzero voxels")
@@ -126,24 +146,28 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 check_outputs(paths, args.force)
                 scan = read_scan(path)
                 seg = segment_scan(scan, model, card, device=args.device, overlap=args.overlap, tta=args.tta,
-                                   mask=mask, on_window=on_window)
+                                   mask=mask, precision=args.precision, window=args.window,
+                                   on_window=on_window)
                 write_outputs(seg, scan, paths, card.labels)
             except InputError as error:
                 failures += 1
                 print(f"{PROG}: error: {error}", file=sys.stderr)
                 progress.advance(task)
                 continue
-            report(console, path, paths, seg.labels, card.labels, scan.voxel_volume, time.perf_counter() - started)
+            report(console, path, paths, seg, card.labels, scan.voxel_volume, time.perf_counter() - started)
             progress.advance(task)
     return 1 if failures else 0
 
 
-def report(console: Console, path: Path, paths: dict[str, Path], labels, names: dict[int, str],
+def report(console: Console, path: Path, paths: dict[str, Path], seg, names: dict[int, str],
            voxel_volume: float, seconds: float) -> None:
-    """Per scan: where its outputs went, the tissue volumes and how long it took."""
-    counts = np.bincount(labels.ravel(), minlength=max(names) + 1)
+    """Per scan: where its outputs went, the tissue volumes, how long it took and how
+    the network ran (precision, windows), since both change the time."""
+    counts = np.bincount(seg.labels.ravel(), minlength=max(names) + 1)
     volumes = ", ".join(f"{name} {counts[i] * voxel_volume / 1000:.1f} ml" for i, name in names.items() if i)
-    console.print(f"{path.name}: {seconds:.1f} s; {volumes}", highlight=False, soft_wrap=True)
+    windows = f"{seg.windows} window{'s' if seg.windows != 1 else ''}"
+    console.print(f"{path.name}: {seconds:.1f} s ({seg.precision}, {windows}); {volumes}", highlight=False,
+                  soft_wrap=True)
     for output in paths.values():
         console.print(f"  {output}", highlight=False, soft_wrap=True)
 

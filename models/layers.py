@@ -8,10 +8,25 @@ from __future__ import annotations
 
 import math
 
+import torch
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
 from .conv_registry import ConvBuilder
+
+
+def full_precision(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` in fp32 even inside a bf16/fp16 autocast region.
+
+    For the few layers where low precision costs answers rather than time: the first
+    convolution, which sees the raw normalised intensities (bf16 keeps 8 significant
+    bits, so it would quantise the image itself), and the classifier, whose logits
+    decide near-ties between tissues. Both are cheap (one input channel; a 1x1x1
+    convolution). Measured on the MNI152 sample with the shipped MRI model: bf16 labels
+    agree with fp32 on 99.90 % of brain voxels under plain autocast, 99.95 % with these
+    two layers in fp32."""
+    with torch.autocast(x.device.type, enabled=False):
+        return module(x.float())
 
 
 def norm_layer(norm, channels: int) -> list[nn.Module]:

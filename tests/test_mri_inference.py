@@ -71,18 +71,37 @@ def test_mask_on_another_grid_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
-def test_window_callback_counts_every_window(tmp_path, monkeypatch, overlap):
+def test_window_callback_counts_every_window(tmp_path, overlap):
     """The progress total is predicted before the first window; it must be what the
     inferer then runs, or the bar would stop short or overrun."""
-    from psc.pipelines.mri import config
-
-    monkeypatch.setattr(config, "INFERENCE_WINDOW", (16, 12, 20))
     image, _ = brain_phantom((40, 36, 44))
     scan = read_scan(save_nifti(tmp_path / "t1.nii.gz", image, np.eye(4)))
     calls = []
-    segment_scan(scan, ThresholdNet(), threshold_card((1, 1, 1)), device="cpu", overlap=overlap,
-                 on_window=lambda done, total: calls.append((done, total)))
-    assert len(calls) > 1 and calls[-1] == (len(calls), len(calls))
+    seg = segment_scan(scan, ThresholdNet(), threshold_card((1, 1, 1)), device="cpu", overlap=overlap,
+                       window=(16, 12, 20), on_window=lambda done, total: calls.append((done, total)))
+    assert len(calls) > 1 and calls[-1] == (len(calls), len(calls)) == (seg.windows, seg.windows)
+
+
+def test_whole_crop_is_one_window_until_the_cap(tmp_path, monkeypatch):
+    """By default a brain crop runs as one window; above the voxel cap it is tiled into
+    INFERENCE_WINDOW windows, and the labels are the same either way for a network
+    whose answer does not depend on context."""
+    from psc.pipelines.mri import config
+    from psc.pipelines.mri.inference import choose_window
+
+    image, _ = brain_phantom((40, 36, 44))
+    scan = read_scan(save_nifti(tmp_path / "t1.nii.gz", image, np.eye(4)))
+    whole = segment_scan(scan, ThresholdNet(), threshold_card((1, 1, 1)), device="cpu", precision="fp32")
+    assert whole.windows == 1
+    monkeypatch.setattr(config, "WHOLE_WINDOW_MAX_VOXELS", 1000)
+    monkeypatch.setattr(config, "INFERENCE_WINDOW", (16, 12, 20))
+    tiled = segment_scan(scan, ThresholdNet(), threshold_card((1, 1, 1)), device="cpu", precision="fp32")
+    assert tiled.windows > 1
+    assert np.array_equal(whole.labels, tiled.labels)
+    assert choose_window((10, 50, 50)) == (10, 12, 20)  # never larger than the crop
+    assert choose_window((30, 30, 30), (8, 8, 8)) == (8, 8, 8)
+    with pytest.raises(InputError):
+        choose_window((30, 30, 30), (8, 8))
 
 
 def test_devices_are_checked():
@@ -103,7 +122,7 @@ def test_cuda_with_amp_agrees_with_cpu(tmp_path):
     scan = read_scan(save_nifti(tmp_path / "t1.nii.gz", image, oblique_affine()))
     model, card = load_weights(save_tiny_model(tmp_path / "tiny.pt"))
     cpu = segment_scan(scan, model, card, device="cpu")
-    gpu = segment_scan(scan, model, card, device="cuda", amp=True, tta=True)
+    gpu = segment_scan(scan, model, card, device="cuda", precision="fp16", tta=True)
     cpu_tta = segment_scan(scan, model, card, device="cpu", tta=True)
     assert (gpu.labels == cpu_tta.labels).mean() > 0.99
     assert cpu.labels.shape == gpu.labels.shape

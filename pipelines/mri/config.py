@@ -17,4 +17,8 @@ NORMALISATION = "zscore-nonzero"  # z-score over brain voxels (nonzero or --mask
 BACKBONE = "densenet3d"
 BACKBONE_OPTIONS = {"init_channels": 16, "growth_rate": 8, "block_layers": (3, 3, 3, 3), "side_channels": 8}
 PATCH_SIZE = (64, 64, 64)
+# Inference runs a brain crop in one window up to this many model voxels (a 1.0 x 1.5 x
+# 1.0 mm adult brain crop is 2.6-3.2 M); larger inputs are tiled into INFERENCE_WINDOW
+# windows, so memory stays bounded by the window.
+WHOLE_WINDOW_MAX_VOXELS = 200 * 200 * 200
 INFERENCE_WINDOW = (96, 96, 96)

@@ -6,13 +6,20 @@ windows on the chosen device and blends them with gaussian weights into a volume
 kept in CPU memory; the class probabilities are then resampled onto the input grid
 through the two affines (MONAI ``SpatialResample``), and only then turned into
 labels, so the output lies exactly on the input's voxels.
+
+Window size: a brain cropped in model space is about 150 x 125 x 150 voxels, which a
+fully convolutional network can take in one piece. Tiling it into 96^3 windows with
+25 % overlap computes about 2.5x as many voxels, and the overlap is pure cost: the
+single window scores as well (docs/results-mri.md). So ``window=None`` runs the whole
+crop as one window when it has at most ``config.WHOLE_WINDOW_MAX_VOXELS`` voxels, and
+falls back to ``config.INFERENCE_WINDOW`` tiles for larger inputs (memory then
+depends on the window, not on the scan).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -26,6 +33,7 @@ from torch import nn
 from psc.models.weights import ModelCard
 
 from ..errors import InputError
+from ..precision import autocast, precision_name, resolve_precision
 from . import config
 from .io import Scan
 from .preprocess import brain_bbox, normalise, to_meta, to_model_space
@@ -39,6 +47,8 @@ class Segmentation:
 
     labels: np.ndarray  # uint8, the input's shape
     probabilities: np.ndarray  # float32, (classes, *input shape), summing to 1 per voxel
+    precision: str = "fp32"  # what the network ran in
+    windows: int = 1  # how many sliding windows it took
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -62,16 +72,16 @@ class _Softmax(nn.Module):
     """The network as the inferer sees it: probabilities, optionally averaged with the
     left-right mirrored prediction (flip test-time augmentation)."""
 
-    def __init__(self, model: nn.Module, tta: bool, amp: bool, on_window: Callable[[], None] | None = None) -> None:
+    def __init__(self, model: nn.Module, tta: bool, dtype: torch.dtype,
+                 on_window: Callable[[], None] | None = None) -> None:
         super().__init__()
-        self.model, self.tta, self.amp, self.on_window = model, tta, amp, on_window
+        self.model, self.tta, self.dtype, self.on_window = model, tta, dtype, on_window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_window is not None:
             self.on_window()
         x = x.contiguous(memory_format=torch.channels_last_3d)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp and x.is_cuda else nullcontext()
-        with autocast:
+        with autocast(x.device, self.dtype):
             probs = torch.softmax(self.model(x).float(), dim=1)
             if self.tta:  # axis 2 is left-right in RAS model space
                 probs = 0.5 * (probs + torch.softmax(self.model(x.flip(2)).float(), dim=1).flip(2))
@@ -89,15 +99,31 @@ def window_count(shape: Sequence[int], window: Sequence[int], overlap: float) ->
     return count
 
 
-def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "auto", overlap: float = 0.5,
-                 tta: bool = False, mask: Scan | None = None, amp: bool = True, progress: bool = False,
+def choose_window(shape: Sequence[int], window: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The sliding window for a model-space crop of ``shape``: ``window`` if given,
+    else the whole crop when it is small enough, else ``config.INFERENCE_WINDOW``;
+    never larger than the crop."""
+    if window is None:
+        whole = math.prod(shape) <= config.WHOLE_WINDOW_MAX_VOXELS
+        window = tuple(shape) if whole else config.INFERENCE_WINDOW
+    if len(window) != len(shape) or min(window) < 1:
+        raise InputError(f"window {tuple(window)} does not fit a {len(shape)}-D volume")
+    return tuple(min(int(w), s) for w, s in zip(window, shape))
+
+
+def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "auto", overlap: float = 0.25,
+                 tta: bool = False, mask: Scan | None = None, precision: str = "auto",
+                 window: Sequence[int] | None = None, progress: bool = False,
                  on_window: Callable[[int, int], None] | None = None) -> Segmentation:
     """Labels and probabilities on ``scan``'s grid. Probabilities, not labels, are
     resampled back, so a boundary between two model voxels lands where the evidence
     crosses over, not on the nearest model voxel. ``mask`` (same grid as ``scan``)
     replaces the nonzero voxels as the brain; outside it every label is background.
-    ``progress`` shows MONAI's own tqdm bar; ``on_window(done, total)`` is called as
-    each window starts, for a caller's own progress display."""
+    ``precision`` is ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see
+    ``psc.pipelines.precision``); ``window`` the sliding window in model voxels
+    (default: see the module doc). ``progress`` shows MONAI's own tqdm bar;
+    ``on_window(done, total)`` is called as each window starts, for a caller's own
+    progress display."""
     if not 0 <= overlap < 1:
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if mask is not None and mask.array.shape != scan.array.shape:
@@ -105,6 +131,7 @@ def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "a
     if mask is not None and not np.allclose(mask.affine, scan.affine, atol=1e-3):
         raise InputError(f"mask {mask.path.name} lies on a different grid than {scan.path.name} (affines differ)")
     target = resolve_device(device)
+    dtype = resolve_precision(precision, target)
     image = to_model_space(to_meta(scan.array.astype(np.float32), scan.affine), card.spacing, card.orientation)
     brain_ms = None
     if mask is not None:
@@ -116,14 +143,15 @@ def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "a
     box = brain_bbox(brain_ms.float() if brain_ms is not None else x)
     crop = x[(slice(None), *box)][None]
 
-    window = tuple(min(w, s) for w, s in zip(config.INFERENCE_WINDOW, crop.shape[2:]))
+    window = choose_window(crop.shape[2:], window)
     inferer = SlidingWindowInferer(roi_size=window, sw_batch_size=1, overlap=overlap, mode="gaussian",
                                    sw_device=target, device=torch.device("cpu"), progress=progress)
+    windows = window_count(crop.shape[2:], window, overlap)
     tick = None
     if on_window is not None:
-        total, done = window_count(crop.shape[2:], window, overlap), itertools.count(1)
-        tick = lambda: on_window(next(done), total)  # noqa: E731
-    net = _Softmax(model.to(target).eval().to(memory_format=torch.channels_last_3d), tta, amp, tick)
+        done = itertools.count(1)
+        tick = lambda: on_window(next(done), windows)  # noqa: E731
+    net = _Softmax(model.to(target).eval().to(memory_format=torch.channels_last_3d), tta, dtype, tick)
     with torch.inference_mode():
         probs_crop = inferer(crop, net)[0]
 
@@ -140,4 +168,4 @@ def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "a
     labels = probabilities.argmax(0).astype(np.uint8)
     brain = (mask.array > 0) if mask is not None else (scan.array != 0)
     labels[~brain] = 0
-    return Segmentation(labels, probabilities)
+    return Segmentation(labels, probabilities, precision_name(dtype), windows)
