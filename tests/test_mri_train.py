@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from psc.models import build_model
 from psc.models.weights import WeightsError, load_weights
 from psc.pipelines.mri.data import find_pairs, prepare_case
 from psc.pipelines.mri.train import TrainConfig, train
@@ -94,3 +95,28 @@ def test_cli_reports_missing_data(tmp_path, capsys):
     assert main(["mri", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("psc-train: error: no (image")
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path):
+    """--init: a short, gentle fine-tuning run ends near the weights it started from,
+    not near a fresh network; bf16 autocast trains too; a mismatched network is refused."""
+    write_dataset(tmp_path / "data")
+    first = tmp_path / "first.pt"
+    train(config(tmp_path, 20, export=str(first)))
+    start, _ = load_weights(first)
+
+    tuned = tmp_path / "tuned.pt"
+    cfg = config(tmp_path, 10, export=str(tuned), init=str(first), precision="bf16")
+    cfg.out, cfg.lr = str(tmp_path / "tune"), 1e-4
+    train(cfg)
+    end, card = load_weights(tuned)
+    assert card.training["init"] == str(first) and card.training["precision"] == "bf16"
+    fresh = build_model("densenet3d", conv="p2sc2", in_channels=1, out_channels=4, **TINY)
+    flat = lambda model: torch.cat([p.detach().flatten() for p in model.parameters()])  # noqa: E731
+    moved, apart = (flat(end) - flat(start)).norm(), (flat(fresh) - flat(start)).norm()
+    assert moved < 0.05 * apart, (moved, apart)
+
+    other = config(tmp_path, 10, init=str(first))
+    other.out, other.conv = str(tmp_path / "other"), "conv3d"
+    with pytest.raises(ValueError, match="not the densenet3d/conv3d"):
+        train(other)

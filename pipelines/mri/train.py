@@ -20,7 +20,9 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 from psc.models import build_model
-from psc.models.weights import ModelCard, save_weights
+from psc.models.weights import ModelCard, load_weights, save_weights
+
+from ..precision import autocast, resolve_precision
 
 from . import config
 from .metrics import dice_per_class
@@ -49,6 +51,8 @@ class TrainConfig:
     export: str = ""
     data_source: str = ""  # who made the training data (goes on the model card)
     data_terms: str = ""  # the terms it comes under (goes on the model card)
+    init: str = ""  # weights to start from (fine-tuning), same backbone, conv and options
+    precision: str = "fp32"  # fp32, or bf16 autocast (fast on CPUs with AVX512-BF16/AMX)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -97,6 +101,18 @@ def _plot(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def _start_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Fine-tuning: take the weights of ``cfg.init`` (hash-checked by its card), which
+    must describe the very network being trained."""
+    init, card = load_weights(cfg.init)
+    ours = (cfg.backbone, cfg.conv, {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.options.items()})
+    theirs = (card.backbone, card.conv, {k: list(v) if isinstance(v, tuple) else v for k, v in card.options.items()})
+    if ours != theirs:
+        raise ValueError(f"--init {cfg.init} is a {card.backbone}/{card.conv} with options {card.options}, "
+                         f"not the {cfg.backbone}/{cfg.conv} with {cfg.options} being trained")
+    model.load_state_dict(init.state_dict())
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +140,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     sampler.set_random_state(seed=cfg.seed)
 
     model = build_model(cfg.backbone, conv=cfg.conv, in_channels=1, out_channels=classes, **cfg.options)
+    if cfg.init:
+        _start_from(model, cfg)
     model = model.to(memory_format=torch.channels_last_3d)
+    dtype = resolve_precision(cfg.precision, "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -162,7 +181,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(image), label.long())
+        with autocast("cpu", dtype):
+            logits = model(image)
+        loss = loss_fn(logits.float(), label.long())
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -202,7 +223,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 "terms": cfg.data_terms or "unspecified (give --data-terms)",
                 "train_cases": [p.case for p in train_pairs], "val_cases": [p.case for p in val_pairs],
                 "iterations": cfg.iterations, "batch": cfg.batch, "patch": list(cfg.patch), "lr": cfg.lr,
-                "seed": cfg.seed, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "seed": cfg.seed, "precision": cfg.precision, "init": cfg.init or None,
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             },
             metrics={"val_dice_model_space": {k: float(best_row[k]) for k in
                                                ("val_dice_csf", "val_dice_gm", "val_dice_wm", "val_dice_mean")},
