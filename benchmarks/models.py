@@ -35,11 +35,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
-import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -50,68 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from psc.models import build_model, macs_per_output_voxel, make_conv  # noqa: E402
 from psc.pipelines.mri.config import BACKBONE_OPTIONS, INFERENCE_WINDOW, PATCH_SIZE  # noqa: E402
 
+from machine import cpu_model  # noqa: E402  (benchmarks/, first on sys.path)
+from measure import peak_bytes, timed  # noqa: E402
+
 CONVS = ("conv3d", "p1sc1", "p2sc2", "p2sc3")
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 DTYPES = ("fp32", "bf16")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-@contextmanager
-def quiet_stderr():
-    """The profiler's C++ side prints start/stop lines on fd 2; keep them out of the table."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_bytes(fn, device: torch.device) -> int:
-    """Peak of allocator-held bytes during ``fn()``, above the bytes held before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()  # negative for a free
-        peak = max(peak, live)
-    return peak
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_config(model, state, x_ref, layout, dtype, device, repeats, train=True) -> tuple[dict, torch.Tensor]:

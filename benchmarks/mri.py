@@ -1,9 +1,11 @@
 """Whole-scan MRI segmentation time and validation Dice, per model, side by side.
 
     python benchmarks/mri.py [--scans PATH...] [--weights W.pt...] [--repeats 2] [--threads N]
+                             [--precision auto fp32 ...] [--window auto 96 ...]
 
 Times ``psc-segment``'s own path (read, model space, sliding window, back to the input
-grid) on each scan, median of ``--repeats``, and scores the labels against the
+grid) on each scan, median of ``--repeats`` after one untimed warm-up run, for every
+combination of weights, precision and window, and scores the labels against the
 ``<stem>_seg`` file beside each scan when there is one (Dice on the input grid).
 Defaults: the two IBSR validation scans when ../shared/data is present, else the
 bundled MNI152 sample; the shipped weights plus the comparison models in benchmarks/weights/.
@@ -24,12 +26,15 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from psc.app.segment import DEFAULT_WEIGHTS  # noqa: E402
+from psc.app.segment import DEFAULT_WEIGHTS, window_size  # noqa: E402
 from psc.models.weights import load_weights  # noqa: E402
 from psc.pipelines.mri.inference import segment_scan  # noqa: E402
 from psc.pipelines.mri.io import read_scan  # noqa: E402
 from psc.pipelines.mri.metrics import dice_per_class  # noqa: E402
 from psc.pipelines.mri.sample import sample_t1_path  # noqa: E402
+from psc.pipelines.precision import PRECISIONS  # noqa: E402
+
+from machine import machine_line  # noqa: E402  (benchmarks/, first on sys.path)
 
 IBSR = ROOT.parent / "shared" / "data" / "ibsr18"
 
@@ -44,6 +49,27 @@ def truth_for(scan: Path) -> Path | None:
     return scan.with_name(name) if scan.with_name(name).is_file() else None
 
 
+def measure(model, card, scan_path: Path, precision: str, window, args) -> list[str]:
+    """One row: how the network ran, the median time, and Dice when there is a truth."""
+    scan = read_scan(scan_path)
+    run = lambda: segment_scan(scan, model, card, device=args.device, overlap=args.overlap,  # noqa: E731
+                               precision=precision, window=window)
+    seg = run()  # warm-up: oneDNN builds its kernels on the first call of each shape
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        seg = run()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    dice = ["-"] * 4
+    if truth_for(scan_path):
+        truth = read_scan(truth_for(scan_path)).array
+        scores = dice_per_class(seg.labels, truth, (1, 2, 3))
+        dice = [f"{scores[c]:.4f}" for c in (1, 2, 3)] + [f"{np.nanmean(list(scores.values())):.4f}"]
+    return [seg.precision, str(seg.windows), scan_path.name, f"{scan.array.size:,}", f"{seconds:.1f}",
+            f"{scan.array.size / seconds / 1e6:.2f}", *dice]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scans", nargs="+", type=Path, default=None)
@@ -52,36 +78,27 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS)
+    parser.add_argument("--window", nargs="+", type=window_size, default=[None], help="auto, N or Z,Y,X")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     scans = args.scans or default_scans()
     weights = args.weights or [DEFAULT_WEIGHTS, *sorted((ROOT / "benchmarks" / "weights").glob("mri_*.pt"))]
     console = Console(width=150)
-    console.print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-                  f"overlap {args.overlap}")
+    console.print(f"{machine_line(args.device)}; overlap {args.overlap}")
     table = Table(title="whole-scan MRI segmentation (read -> labels on the input grid)")
-    for column in ("weights", "conv", "params", "scan", "voxels", "seconds", "Mvoxel/s",
+    for column in ("weights", "conv", "params", "precision", "windows", "scan", "voxels", "seconds", "Mvoxel/s",
                    "Dice CSF", "Dice GM", "Dice WM", "Dice mean"):
-        table.add_column(column, justify="left" if column in ("weights", "conv", "scan") else "right")
+        table.add_column(column, justify="left" if column in ("weights", "conv", "scan", "precision") else "right")
     for path in weights:
         model, card = load_weights(path)
-        for scan_path in scans:
-            scan = read_scan(scan_path)
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                seg = segment_scan(scan, model, card, device=args.device, overlap=args.overlap)
-                times.append(time.perf_counter() - start)
-            seconds = statistics.median(times)
-            dice = ["-"] * 4
-            if truth_for(scan_path):
-                truth = read_scan(truth_for(scan_path)).array
-                scores = dice_per_class(seg.labels, truth, (1, 2, 3))
-                dice = [f"{scores[c]:.4f}" for c in (1, 2, 3)] + [f"{np.nanmean(list(scores.values())):.4f}"]
-            table.add_row(path.name, card.conv, f"{card.parameters:,}", scan_path.name, f"{scan.array.size:,}",
-                          f"{seconds:.1f}", f"{scan.array.size / seconds / 1e6:.2f}", *dice)
-        table.add_section()
+        for precision in args.precision:
+            for window in args.window:
+                for scan_path in scans:
+                    table.add_row(path.name, card.conv, f"{card.parameters:,}",
+                                  *measure(model, card, scan_path, precision, window, args))
+            table.add_section()
     console.print(table)
     return 0
 
