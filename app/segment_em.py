@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     em.add_argument("--worker-command", help="start each worker with this shell command instead (e.g. "
                     "'ssh node psc-worker {out}'); DAISY_CONTEXT tells it where the scheduler is")
     em.add_argument("--host", help="address workers connect to (default: detected; 127.0.0.1 keeps it local)")
+    em.add_argument("--spool", action="store_true", help="start no workers: post them under OUT.zarr/.workers/ "
+                    "for running 'psc-worker --serve OUT.zarr' processes (containers) to take")
     em.add_argument("--stage", nargs="+", choices=("predict", "fragments", "edges", "merge", "relabel"),
                     help="run only these stages (default: all, chained)")
     em.add_argument("--amp", action="store_true", help="bf16 (CPU) / fp16 (CUDA) autocast for the network")
@@ -38,6 +40,20 @@ def default_output(raw: Path) -> Path:
     """``fib.zarr`` or ``fib.zarr/raw`` -> ``fib_psc.zarr`` beside the container, never inside it."""
     container = next((p for p in (raw, *raw.parents) if p.name.endswith(".zarr")), raw)
     return container.with_name(container.name.removesuffix(".zarr") + "_psc.zarr")
+
+
+def worker_device(name: str) -> str:
+    """The device for workers on other machines: checked for form only, since this
+    machine may have no GPU; ``auto`` is resolved by each worker."""
+    import torch
+
+    try:
+        device = torch.device(name) if name != "auto" else None
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return name
 
 
 def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> int:
@@ -67,7 +83,12 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
         args.threshold = float(card.metrics.get("val_best_threshold", 0.5))
     if args.workers < 0:
         raise InputError(f"--workers must be >= 0, got {args.workers}")
-    device = str(resolve_device(args.device))
+    if args.spool and (args.worker_command or args.workers < 1):
+        raise InputError("--spool needs --workers >= 1 and no --worker-command")
+    if args.spool or args.worker_command:
+        device = worker_device(args.device)  # the workers' machines have the GPUs, not necessarily this one
+    else:
+        device = str(resolve_device(args.device))
     if args.force and Path(out).exists():
         shutil.rmtree(out)
     resuming = (Path(out) / layout.TRACKING_DIR).exists()
@@ -82,7 +103,8 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
         console.print(f"resuming the run in {out}", highlight=False)
     try:
         stages = tuple(args.stage) if args.stage else STAGE_NAMES
-        result = run(out, workers=args.workers, worker_command=args.worker_command, host=args.host, stages=stages)
+        result = run(out, workers=args.workers, worker_command=args.worker_command, host=args.host, stages=stages,
+                     spool=args.spool)
     except EMRunError as error:
         print(f"psc-segment: error: {error}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ from ..errors import InputError
 from . import layout
 from .graph import GraphStore
 from .merge import write_lookup_tables
+from .spool import SpoolWorker, finish_run, start_run
 from .stages import EdgeStage, FragmentStage, PredictStage, RelabelStage, StageWorker
 from .volumes import create_volume, open_container, open_volume
 
@@ -97,8 +98,10 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
 
 
 def _task(stage, task_id: str, out: str, shape: Coordinate, block: Coordinate, context: Coordinate,
-          workers: int, worker_command: str | None) -> daisy.Task:
-    if worker_command:
+          workers: int, worker_command: str | None, spool: bool = False) -> daisy.Task:
+    if spool:
+        function = SpoolWorker(out)
+    elif worker_command:
         function = RemoteWorker(worker_command, out)
     elif workers > 0:
         function = StageWorker(stage, out)
@@ -178,7 +181,7 @@ STAGE_NAMES = ("predict", "fragments", "edges", "merge", "relabel")
 
 
 def run(out: str | Path, workers: int = 1, worker_command: str | None = None, host: str | None = None,
-        progress: bool = True, stages: tuple[str, ...] = STAGE_NAMES) -> dict:
+        progress: bool = True, stages: tuple[str, ...] = STAGE_NAMES, spool: bool = False) -> dict:
     """Run (or resume) the stages of the run prepared in ``out``.
 
     All stages: predict -> fragments -> edges as one daisy pipeline with block
@@ -186,11 +189,31 @@ def run(out: str | Path, workers: int = 1, worker_command: str | None = None, ho
     ROI are done), then the global merge, then relabel. A subset runs each named stage
     on its own, in order (what ``--stage`` and the benchmark use); it is the caller's
     business that the stages before it are done.
+
+    ``spool``: start no workers; post each one under ``out/.workers/`` for the
+    ``psc-worker --serve`` processes already running (``spool.py``), and tell them when
+    the run is finished, whatever its outcome.
     """
     unknown = set(stages) - set(STAGE_NAMES)
     if unknown:
         raise InputError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGE_NAMES)}")
+    if spool and (worker_command or workers < 1):
+        raise InputError("spooled workers need --workers >= 1 and no --worker-command")
     out = str(out)
+    if not spool:
+        return _run(out, workers, worker_command, host, progress, stages, False)
+    run_id = start_run(out)
+    ok = False
+    try:
+        result = _run(out, workers, worker_command, host, progress, stages, True)
+        ok = True
+        return result
+    finally:
+        finish_run(out, run_id, ok)
+
+
+def _run(out: str, workers: int, worker_command: str | None, host: str | None, progress: bool,
+         stages: tuple[str, ...], spool: bool) -> dict:
     settings = layout.RunSettings.load(out)
     shape = Coordinate(open_volume(out, layout.FRAGMENTS).shape)
     block, context = Coordinate(settings.block_size), Coordinate(settings.context)
@@ -199,9 +222,9 @@ def run(out: str | Path, workers: int = 1, worker_command: str | None = None, ho
     logging.getLogger("daisy").setLevel(logging.WARNING)
     log = Path(out) / ".logs" / "scheduler.log"
     tasks = {
-        "predict": _task(PredictStage, "predict", out, shape, block, none, workers, worker_command),
-        "fragments": _task(FragmentStage, "fragments", out, shape, block, context, workers, worker_command),
-        "edges": _task(EdgeStage, "edges", out, shape, block, context, workers, worker_command),
+        "predict": _task(PredictStage, "predict", out, shape, block, none, workers, worker_command, spool),
+        "fragments": _task(FragmentStage, "fragments", out, shape, block, context, workers, worker_command, spool),
+        "edges": _task(EdgeStage, "edges", out, shape, block, context, workers, worker_command, spool),
     }
     reports, counts, seconds = [], {}, {}
 
@@ -228,7 +251,7 @@ def run(out: str | Path, workers: int = 1, worker_command: str | None = None, ho
         seconds["merge"] = time.perf_counter() - started
     if "relabel" in stages:
         _forget_relabel_if_threshold_changed(out, settings)
-        tasks["relabel"] = _task(RelabelStage, "relabel", out, shape, block, none, workers, worker_command)
+        tasks["relabel"] = _task(RelabelStage, "relabel", out, shape, block, none, workers, worker_command, spool)
         blockwise(["relabel"])
         settings.extra["relabelled_at"] = settings.threshold
         settings.save(out)

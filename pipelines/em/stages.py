@@ -74,6 +74,8 @@ class PredictStage(Stage):
         from .predict import AffinityPredictor
 
         device = self.settings.device
+        if device == "auto":  # left to the worker (remote workers): its own GPU if it has one
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and ":" not in device and torch.cuda.is_available():
             device = f"cuda:{worker_id() % torch.cuda.device_count()}"  # one GPU per worker
         self.predictor = AffinityPredictor(self.settings.weights, device=device, amp=self.settings.amp)
