@@ -33,7 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "for running 'psc-worker --serve OUT.zarr' processes (containers) to take")
     em.add_argument("--stage", nargs="+", choices=("predict", "fragments", "edges", "merge", "relabel"),
                     help="run only these stages (default: all, chained)")
-    em.add_argument("--amp", action="store_true", help="bf16 (CPU) / fp16 (CUDA) autocast for the network")
 
 
 def default_output(raw: Path) -> Path:
@@ -96,7 +95,8 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     started = time.perf_counter()
     try:
         prepare(str(raw), out, weights, block_size=args.block_size, thresholds=thresholds,
-                threshold=args.threshold, device=device, amp=args.amp, workers=max(1, args.workers))
+                threshold=args.threshold, device=device, precision=args.precision,
+                workers=max(1, args.workers))
     except OSError as error:
         raise InputError(f"{out}: cannot write here ({error.strerror or error})") from None
     if resuming:

@@ -8,13 +8,13 @@ bounded by the block size, the worker peak stays flat when the volume grows.
 
     python benchmarks/em.py                       # 256^3 and 320^3, 1 and 2 workers
     python benchmarks/em.py --sizes 128 --workers 1   # a quick look
+    python benchmarks/em.py --precision fp32 bf16     # the network's precision, side by side
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -25,10 +25,10 @@ from pathlib import Path
 STAGES = ("predict", "fragments", "edges", "merge", "relabel")
 
 
-def one_case(raw: str, out: str, weights: str, workers: int, block: int) -> dict:
+def one_case(raw: str, out: str, weights: str, workers: int, block: int, precision: str) -> dict:
     from psc.pipelines.em.run import prepare, run
 
-    prepare(raw, out, weights, block_size=(block,) * 3, workers=workers)
+    prepare(raw, out, weights, block_size=(block,) * 3, workers=workers, precision=precision)
     seconds = {}
     for stage in STAGES:
         started = time.perf_counter()
@@ -54,20 +54,23 @@ def make_raw(folder: Path, size: int) -> str:
 def main() -> None:
     from psc.app.segment_em import DEFAULT_EM_WEIGHTS
 
+    from machine import machine_line  # benchmarks/, first on sys.path
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 320])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--weights", default=str(DEFAULT_EM_WEIGHTS))
-    parser.add_argument("--one", nargs=3, metavar=("RAW", "OUT", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--precision", nargs="+", default=["fp32"], help="fp32, bf16, fp16 or auto, each a row")
+    parser.add_argument("--one", nargs=4, metavar=("RAW", "OUT", "WORKERS", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--make", nargs=2, metavar=("FOLDER", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make:
         print(make_raw(Path(args.make[0]), int(args.make[1])))
         return
     if args.one:
-        raw, out, workers = args.one
-        print(json.dumps(one_case(raw, out, args.weights, int(workers), args.block)))
+        raw, out, workers, precision = args.one
+        print(json.dumps(one_case(raw, out, args.weights, int(workers), args.block, precision)))
         return
 
     rows = []
@@ -78,25 +81,25 @@ def main() -> None:
             raw = subprocess.run([sys.executable, __file__, "--make", tmp, str(size)], capture_output=True,
                                  text=True, check=True).stdout.strip().splitlines()[-1]
             for workers in args.workers:
-                out = Path(tmp) / f"out{size}-{workers}.zarr"
-                result = subprocess.run([sys.executable, __file__, "--one", raw, str(out), str(workers),
-                                         "--block", str(args.block), "--weights", args.weights],
-                                        capture_output=True, text=True, check=True)
-                case = json.loads(result.stdout.strip().splitlines()[-1])
-                rows.append((size, workers, case))
-                print(f"done {size}^3 with {workers} worker(s)", file=sys.stderr, flush=True)
+                for precision in args.precision:
+                    out = Path(tmp) / f"out{size}-{workers}-{precision}.zarr"
+                    result = subprocess.run([sys.executable, __file__, "--one", raw, str(out), str(workers),
+                                             precision, "--block", str(args.block), "--weights", args.weights],
+                                            capture_output=True, text=True, check=True)
+                    case = json.loads(result.stdout.strip().splitlines()[-1])
+                    rows.append((size, workers, precision, case))
+                    print(f"done {size}^3 with {workers} worker(s), {precision}", file=sys.stderr, flush=True)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores; "
-          f"block {args.block}^3; weights {Path(args.weights).name}")
-    header = ["volume", "workers"] + [f"{s} Mvox/s" for s in STAGES] + ["total s", "worker peak MB",
-                                                                         "scheduler peak MB"]
+    print(f"{machine_line()}; block {args.block}^3; weights {Path(args.weights).name}")
+    header = ["volume", "workers", "precision"] + [f"{s} Mvox/s" for s in STAGES] + [
+        "total s", "worker peak MB", "scheduler peak MB"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for size, workers, case in rows:
+    for size, workers, precision, case in rows:
         voxels = size**3
         speeds = [f"{voxels / case['seconds'][s] / 1e6:.2f}" for s in STAGES]
         total = sum(case["seconds"].values())
-        print(f"| {size}^3 | {workers} | " + " | ".join(speeds)
+        print(f"| {size}^3 | {workers} | {precision} | " + " | ".join(speeds)
               + f" | {total:.0f} | {case['worker_peak_mb']:.0f} | {case['scheduler_peak_mb']:.0f} |")
 
 

@@ -93,7 +93,7 @@ def test_large_input_is_stitched_in_cpu_memory(tmp_path, monkeypatch):
 
 
 @lru_cache(maxsize=None)
-def em_vi(tmp_root: str, device: str, amp: bool) -> float:
+def em_vi(tmp_root: str, device: str, precision: str) -> float:
     """Best VI over thresholds of the full blockwise EM pipeline with the shipped model."""
     from pathlib import Path
 
@@ -110,8 +110,9 @@ def em_vi(tmp_root: str, device: str, amp: bool) -> float:
         for name, data in (("raw", raw), ("labels", labels.astype(np.uint64))):
             volume = create_volume(container, name, data.shape, data.dtype, (32, 32, 32), (8, 8, 8))
             volume.write(volume.roi, data)
-    out = folder / f"out-{device}-{amp}.zarr"
-    prepare(str(container / "raw"), out, DEFAULT_EM_WEIGHTS, block_size=(32, 32, 32), device=device, amp=amp)
+    out = folder / f"out-{device}-{precision}.zarr"
+    prepare(str(container / "raw"), out, DEFAULT_EM_WEIGHTS, block_size=(32, 32, 32), device=device,
+            precision=precision)
     run(out, workers=0, progress=False)
     results = evaluate_run(str(out), str(container / "labels"), progress=False)
     return min(row["voi"] for row in results.values())
@@ -124,12 +125,28 @@ def em_folder(tmp_path_factory):
 
 @needs_cpu_bf16
 def test_em_bf16_on_cpu_keeps_the_vi(em_folder):
-    fp32, bf16 = em_vi(em_folder, "cpu", False), em_vi(em_folder, "cpu", True)
+    fp32, bf16 = em_vi(em_folder, "cpu", "fp32"), em_vi(em_folder, "cpu", "bf16")
     assert abs(bf16 - fp32) <= 0.01 * fp32 + 1e-9, (bf16, fp32)
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_em_fp16_on_cuda_keeps_the_vi(em_folder):
-    fp32, fp16 = em_vi(em_folder, "cpu", False), em_vi(em_folder, "cuda", True)
+    fp32, fp16 = em_vi(em_folder, "cpu", "fp32"), em_vi(em_folder, "cuda", "fp16")
     assert abs(fp16 - fp32) <= 0.01 * fp32 + 1e-9, (fp16, fp32)
+
+
+def test_em_runs_prepared_with_the_old_amp_flag_still_load(tmp_path):
+    """Runs prepared before --precision replaced --amp keep their meaning on resume."""
+    import zarr
+
+    from psc.pipelines.em.layout import RunSettings
+
+    out = tmp_path / "old.zarr"
+    RunSettings(raw="raw.zarr", raw_name=None, weights="w.pt").save(out)
+    group = zarr.open_group(str(out), mode="a")
+    for amp, precision in ((True, "auto"), (False, "fp32")):
+        settings = dict(group.attrs["psc"])
+        settings.pop("precision")
+        group.attrs["psc"] = {**settings, "amp": amp}
+        assert RunSettings.load(out).precision == precision

@@ -30,13 +30,15 @@ class RunSettings:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     threshold: float = 0.5
     device: str = "cpu"
-    amp: bool = False
+    precision: str = "fp32"  # resolved by each worker on its own device (psc.pipelines.precision)
     threads_per_worker: int = 1
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, out: str | Path) -> "RunSettings":
         data = dict(zarr.open_group(str(out), mode="r").attrs["psc"])
+        if "amp" in data:  # runs prepared before --precision replaced --amp
+            data["precision"] = "auto" if data.pop("amp") else "fp32"
         for key in ("block_size", "context", "thresholds"):
             data[key] = tuple(data[key])
         return cls(**data)

@@ -19,6 +19,7 @@ from funlib.geometry import Coordinate, Roi
 from psc.models.weights import load_weights
 
 from ..errors import InputError
+from ..precision import autocast, resolve_precision
 from .volumes import Volume, read_clamped
 
 
@@ -33,10 +34,11 @@ class AffinityPredictor:
     """A loaded EM model that predicts affinities for any region of a raw volume.
 
     Built once per worker process (weights are read and hashed once), then called per
-    block. ``amp`` runs the network under bf16 (CPU) or fp16 (CUDA) autocast.
+    block. ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast
+    (``psc.pipelines.precision``), resolved on this worker's device.
     """
 
-    def __init__(self, weights: str | Path, device: str = "cpu", amp: bool = False) -> None:
+    def __init__(self, weights: str | Path, device: str = "cpu", precision: str = "fp32") -> None:
         self.model, self.card = load_weights(weights, map_location="cpu")
         if self.card.backbone != "unet3d" or self.card.out_channels != 3:
             raise InputError(f"{weights}: not an affinity model (backbone {self.card.backbone})")
@@ -44,7 +46,7 @@ class AffinityPredictor:
             raise InputError(f"{weights}: blockwise prediction needs a valid-padded U-Net")
         self.device = torch.device(device)
         self.model.to(self.device)
-        self.amp = amp
+        self.dtype = resolve_precision(precision, self.device)
         factors = np.prod(np.array(self.model.downsample_factors), axis=0)
         self.grid = Coordinate(int(f) for f in factors)
         self.context = Coordinate(self._context())
@@ -87,9 +89,7 @@ class AffinityPredictor:
         x = torch.from_numpy(normalise_raw(read_clamped(raw, in_roi)))[None, None].to(self.device)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16 if self.device.type == "cpu" else torch.float16,
-                                  enabled=self.amp)
-        with autocast:
+        with autocast(self.device, self.dtype):
             y = self.model(x)
         y = y.float()[0].cpu().numpy()
         return np.ascontiguousarray(y[(slice(None), *(slice(0, s) for s in roi.shape))])

@@ -25,6 +25,7 @@ import daisy
 from funlib.geometry import Coordinate, Roi
 
 from ..errors import InputError
+from ..precision import PRECISIONS
 from . import layout
 from .graph import GraphStore
 from .merge import write_lookup_tables
@@ -64,8 +65,12 @@ class RemoteWorker:
 
 def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | None = None,
             block_size=(64, 64, 64), thresholds=layout.DEFAULT_THRESHOLDS, threshold: float = 0.5,
-            device: str = "cpu", amp: bool = False, workers: int = 1) -> layout.RunSettings:
-    """Create (or reopen, for a resume) the output container and its arrays."""
+            device: str = "cpu", precision: str = "fp32", workers: int = 1) -> layout.RunSettings:
+    """Create (or reopen, for a resume) the output container and its arrays.
+
+    ``precision`` (``psc.pipelines.precision``) is resolved by each worker on its own
+    device. In fp32 a blockwise run equals a whole-volume run to float rounding; in
+    bf16/fp16 to that precision's rounding."""
     source = open_volume(raw, raw_name)
     if source.channels:
         raise InputError(f"{raw}: raw must be a single-channel 3-D volume, got shape {source.array.shape}")
@@ -73,10 +78,12 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
     if any(b <= 0 or b % 4 for b in block_size):
         raise InputError(f"block size {block_size}: each side must be a positive multiple of 4")
     thresholds = tuple(sorted({float(t) for t in thresholds} | {float(threshold)}))
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     settings = layout.RunSettings(
         raw=str(Path(raw).resolve()), raw_name=raw_name, weights=str(Path(weights).resolve()),
         block_size=block_size, thresholds=thresholds, threshold=float(threshold), device=device,
-        amp=amp, threads_per_worker=max(1, (os.cpu_count() or 1) // max(1, workers)),
+        precision=precision, threads_per_worker=max(1, (os.cpu_count() or 1) // max(1, workers)),
     )
     group = open_container(out, mode="a")
     previous = group.attrs.get("psc")

@@ -78,7 +78,8 @@ class PredictStage(Stage):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and ":" not in device and torch.cuda.is_available():
             device = f"cuda:{worker_id() % torch.cuda.device_count()}"  # one GPU per worker
-        self.predictor = AffinityPredictor(self.settings.weights, device=device, amp=self.settings.amp)
+        self.predictor = AffinityPredictor(self.settings.weights, device=device,
+                                           precision=self.settings.precision)
         self.raw = open_volume(self.settings.raw, self.settings.raw_name)
         self.affinities = open_volume(self.out, layout.AFFINITIES, mode="r+")
 
