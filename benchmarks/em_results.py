@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from psc.models.weights import ModelCard, card_path
 from psc.pipelines.em.baseline import baseline_segmentation

@@ -14,27 +14,12 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
-
-@contextmanager
-def quiet_stderr():
-    """The profiler's C++ side prints start/stop lines on fd 2; keep them out of the table."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+from psc.pipelines.silence import silenced
 
 
 def peak_bytes(fn, device: torch.device) -> int:
@@ -48,7 +33,7 @@ def peak_bytes(fn, device: torch.device) -> int:
         return torch.cuda.max_memory_allocated() - before
     from torch.profiler import ProfilerActivity, profile
 
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with silenced(2), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())

@@ -225,7 +225,6 @@ def test_em_cli_bad_inputs(inputs, tmp_path):
         [str(raw / "raw"), "-o", str(tmp_path / "not-zarr")],
         [str(raw / "raw"), "-o", str(tmp_path / "b.zarr"), "--block-size", "10", "10", "10"],
     ]
-    from psc.app.segment import main
 
     for argv in cases:
         result = subprocess.run([sys.executable, "-m", "psc.app.segment", *argv, "--weights", str(weights)],

@@ -4,7 +4,6 @@ continues where it stopped, and the exported weights load with their card."""
 from __future__ import annotations
 
 import csv
-import json
 
 import nibabel as nib
 import numpy as np

@@ -10,28 +10,12 @@ over the edges of all blocks.
 
 from __future__ import annotations
 
-import os
-import sys
-from contextlib import contextmanager
-
 import numpy as np
 import waterz
 
+from ..silence import silenced
+
 SCORING = "OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>"
-
-
-@contextmanager
-def _quiet_stdout():
-    """waterz's C++ core reports progress on stdout; keep it out of the user's terminal."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 1)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
 
 
 class _Clusters:
@@ -90,7 +74,7 @@ def score_edges(affinities: np.ndarray, fragments: np.ndarray) -> list[tuple[int
     )
     merges = []
     region_graph = None
-    with _quiet_stdout():
+    with silenced(1):  # waterz's C++ core reports progress on stdout
         for _, history, graph in results:
             region_graph = graph if region_graph is None else region_graph
             merges += history

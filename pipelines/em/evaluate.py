@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 from funlib.geometry import Roi
 from tqdm import tqdm
 
