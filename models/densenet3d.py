@@ -98,6 +98,9 @@ class DenseNet3d(nn.Module):
         self.classifier = nn.Conv3d(side_channels * len(block_layers), out_channels, 1)
         self.size_divisor = 2 ** len(self.transitions)
 
+    # Submodules that run in fp32 whatever the network's precision (see full_precision).
+    FP32_MODULES = ("stem.0", "classifier")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[2:])
         pad = [(-s) % self.size_divisor for s in size]
@@ -117,7 +120,7 @@ class DenseNet3d(nn.Module):
             sides.append(side)
             if i < len(self.transitions):
                 x = self.transitions[i](x)
-        out = full_precision(self.classifier, torch.cat(sides, dim=1))
+        out = full_precision(self.classifier, torch.cat(sides, dim=1), keep_dtype=False)
         return out[:, :, : size[0], : size[1], : size[2]] if any(pad) else out
 
 

@@ -28,17 +28,21 @@ def test_shipped_weights_load_and_describe_themselves():
 
 
 @pytest.mark.skipif(not IBSR.is_dir(), reason="../shared/data is absent")
-def test_shipped_model_segments_a_validation_scan():
+def test_shipped_model_meets_the_dice_target_on_the_validation_scans():
+    """The issue's target: mean Dice over CSF/GM/WM >= 0.90 on the validation subjects,
+    on the input grid, with psc-segment's defaults."""
     from psc.pipelines.mri.inference import segment_scan
     from psc.pipelines.mri.io import read_scan
     from psc.pipelines.mri.metrics import dice_per_class
 
     model, card = load_weights(DEFAULT_WEIGHTS)
-    case = card.training["val_cases"][0]
-    scan = read_scan(IBSR / case / f"{case}.nii.gz")
-    truth = read_scan(IBSR / case / f"{case}_seg.nii.gz").array
-    seg = segment_scan(scan, model, card, device="cpu", overlap=0.25)
-    dice = dice_per_class(seg.labels, truth, (1, 2, 3))
-    # Measured 0.875 / 0.918 / 0.926 on IBSR_07 when the model was shipped.
-    assert dice[2] > 0.9 and dice[3] > 0.9 and dice[1] > 0.8, dice
-    assert np.mean(list(dice.values())) > 0.89
+    means = []
+    for case in card.training["val_cases"]:
+        scan = read_scan(IBSR / case / f"{case}.nii.gz")
+        truth = read_scan(IBSR / case / f"{case}_seg.nii.gz").array
+        dice = dice_per_class(segment_scan(scan, model, card, device="cpu").labels, truth, (1, 2, 3))
+        # Measured when shipped (fp32 and bf16 alike): IBSR_07 0.878 / 0.923 / 0.930,
+        # IBSR_16 0.845 / 0.942 / 0.918.
+        assert dice[1] > 0.83 and dice[2] > 0.91 and dice[3] > 0.91, (case, dice)
+        means.append(np.mean(list(dice.values())))
+    assert np.mean(means) >= 0.90, means
