@@ -98,8 +98,6 @@ class DenseNet3d(nn.Module):
         self.classifier = nn.Conv3d(side_channels * len(block_layers), out_channels, 1)
         self.size_divisor = 2 ** len(self.transitions)
 
-    # Submodules that run in fp32 whatever the network's precision (see full_precision).
-    FP32_MODULES = ("stem.0", "classifier")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[2:])
@@ -111,17 +109,29 @@ class DenseNet3d(nn.Module):
         x = full_precision(first, x)
         for layer in rest:
             x = layer(x)
-        sides = []
+        logits = None
         for i, block in enumerate(self.blocks):
             x = block(x)
-            side = self.sides[i](x)
+            part = full_precision(lambda features: self._classify_side(i, features), x, keep_dtype=False)
             if i > 0:
-                side = F.interpolate(side, size=padded, mode="trilinear", align_corners=False)
-            sides.append(side)
+                part = F.interpolate(part, size=padded, mode="trilinear", align_corners=False)
+            logits = part if logits is None else logits + part
             if i < len(self.transitions):
                 x = self.transitions[i](x)
-        out = full_precision(self.classifier, torch.cat(sides, dim=1), keep_dtype=False)
-        return out[:, :, : size[0], : size[1], : size[2]] if any(pad) else out
+        logits = logits + self.classifier.bias.view(1, -1, 1, 1, 1)
+        return logits[:, :, : size[0], : size[1], : size[2]] if any(pad) else logits
+
+    def _classify_side(self, i: int, features: torch.Tensor) -> torch.Tensor:
+        """Block ``i``'s share of the class logits, at the block's own resolution.
+
+        The classifier is a 1x1x1 convolution over the concatenated, upsampled side
+        outputs. It and trilinear upsampling are both linear, so classifying each side
+        output first and upsampling the class maps (4 channels, not 8) is the same sum,
+        with half the upsampling and no full-resolution concatenation; it runs in fp32
+        (``full_precision``)."""
+        side = self.sides[i](features)
+        width = side.shape[1]
+        return F.conv3d(side, self.classifier.weight[:, i * width:(i + 1) * width])
 
 
 @register_model("densenet3d", in_channels=1, out_channels=4)

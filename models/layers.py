@@ -7,6 +7,7 @@ True})``) and resolved by MONAI's layer factories, as MONAI's own nets do.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
@@ -15,20 +16,22 @@ from torch import nn
 from .conv_registry import ConvBuilder
 
 
-def full_precision(module: nn.Module, x: torch.Tensor, keep_dtype: bool = True) -> torch.Tensor:
-    """``module(x)`` in fp32 even when the network runs in bf16/fp16 (under autocast, or
-    cast to that dtype with the module itself kept in fp32, see ``FP32_MODULES``).
+def full_precision(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   keep_dtype: bool = True) -> torch.Tensor:
+    """``layer(x)`` in fp32 even inside a bf16/fp16 autocast region.
 
     For the few layers where low precision costs answers rather than time: the first
     convolution, which sees the raw normalised intensities (bf16 keeps 8 significant
-    bits, so it would quantise the image itself), and the classifier, whose logits
-    decide near-ties between tissues. Both are cheap (one input channel; a 1x1x1
-    convolution). Measured on the MNI152 sample with the shipped MRI model: bf16 labels
-    agree with fp32 on 99.90 % of brain voxels under plain autocast, 99.95 % with these
-    two layers in fp32. ``keep_dtype``: hand the result on in ``x``'s dtype (for the
-    layers after it); otherwise fp32 (the logits)."""
+    bits, so it would quantise the image itself), and the head that turns features into
+    class logits, which decide near-ties between tissues. Both are cheap (one input
+    channel; 1x1x1 convolutions). Measured with the shipped MRI model under bf16
+    autocast, share of brain voxels labelled as in fp32 (MNI152 sample, IBSR_07,
+    IBSR_16): everything in bf16 99.90 % (MNI152); first convolution and classifier in
+    fp32 99.96 / 99.96 / 99.97 %; first convolution and the whole head (side outputs and
+    classifier) in fp32, as now, 99.97 / 99.97 / 99.98 %. ``keep_dtype``: hand the
+    result on in ``x``'s dtype (for the layers after it); otherwise fp32 (logits)."""
     with torch.autocast(x.device.type, enabled=False):
-        out = module(x.float())
+        out = layer(x.float())
     return out.to(x.dtype) if keep_dtype else out
 
 

@@ -70,7 +70,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 class _Softmax(nn.Module):
     """The network as the inferer sees it: probabilities, optionally averaged with the
-    left-right mirrored prediction (flip test-time augmentation)."""
+    left-right mirrored prediction (flip test-time augmentation), in fp32 whatever
+    precision the network runs in."""
 
     def __init__(self, model: nn.Module, tta: bool, dtype: torch.dtype,
                  on_window: Callable[[], None] | None = None) -> None:
