@@ -62,7 +62,7 @@ class _Predictor(AffinityPredictor):
     """The training model seen through the inference code (same context, same padding)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.device, self.amp = model, torch.device("cpu"), False
+        self.model, self.device, self.dtype = model, torch.device("cpu"), torch.float32
         factors = np.prod(np.array(model.downsample_factors), axis=0)
         from funlib.geometry import Coordinate
 
