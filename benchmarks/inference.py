@@ -26,7 +26,8 @@ Rows per task:
 
 Columns: parameters; MACs per output voxel (``psc.models.macs_per_output_voxel``);
 throughput in output megavoxels per second (median of ``--repeats`` calls after one
-warm-up call, ``torch.inference_mode``, channels_last_3d); achieved GFLOP/s (2 x MACs /
+warm-up call, ``torch.inference_mode``, channels_last_3d, convolution + ReLU fused by
+``fuse_for_inference`` as psc's pipelines run them); achieved GFLOP/s (2 x MACs /
 time: on a GPU compare it with the device's peak); peak MB (allocator bytes above
 weights and input, see ``measure.py``); "x conv3d": the row's time over the conv3d
 row's of the same task and precision (below 1 is faster). ``--compile`` adds rows with
@@ -48,7 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psc.models import build_model, macs_per_output_voxel  # noqa: E402
+from psc.models import build_model, fuse_for_inference, macs_per_output_voxel  # noqa: E402
 from psc.pipelines.em.train import BACKBONE_OPTIONS as EM_OPTIONS  # noqa: E402
 from psc.pipelines.mri.config import BACKBONE_OPTIONS as MRI_OPTIONS  # noqa: E402
 from psc.pipelines.precision import autocast, resolve_precision  # noqa: E402
@@ -134,7 +135,7 @@ def cases(task: str):
 
 
 def measure_row(model, shape, dtype, device, repeats: int, compile_model: bool) -> dict:
-    model = model.to(device).eval().to(memory_format=torch.channels_last_3d)
+    model = fuse_for_inference(model).to(device).to(memory_format=torch.channels_last_3d)
     x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last_3d)
     compile_s = float("nan")
     if compile_model:

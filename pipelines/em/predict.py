@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from funlib.geometry import Coordinate, Roi
 
+from psc.models.fusion import fuse_for_inference
 from psc.models.weights import load_weights
 
 from ..errors import InputError
@@ -39,7 +40,8 @@ class AffinityPredictor:
     """
 
     def __init__(self, weights: str | Path, device: str = "cpu", precision: str = "fp32") -> None:
-        self.model, self.card = load_weights(weights, map_location="cpu")
+        model, self.card = load_weights(weights, map_location="cpu")
+        self.model = fuse_for_inference(model)  # conv + ReLU in one kernel on CPU
         if self.card.backbone != "unet3d" or self.card.out_channels != 3:
             raise InputError(f"{weights}: not an affinity model (backbone {self.card.backbone})")
         if getattr(self.model, "padding", "valid") != "valid":

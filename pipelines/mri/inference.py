@@ -30,6 +30,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import SpatialResample
 from torch import nn
 
+from psc.models.fusion import fuse_for_inference
 from psc.models.weights import ModelCard
 
 from ..errors import InputError
@@ -152,7 +153,8 @@ def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "a
     if on_window is not None:
         done = itertools.count(1)
         tick = lambda: on_window(next(done), windows)  # noqa: E731
-    net = _Softmax(model.to(target).eval().to(memory_format=torch.channels_last_3d), tta, dtype, tick)
+    model = fuse_for_inference(model).to(target).to(memory_format=torch.channels_last_3d)
+    net = _Softmax(model, tta, dtype, tick)
     with torch.inference_mode():
         probs_crop = inferer(crop, net)[0]
 
