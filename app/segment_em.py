@@ -41,25 +41,11 @@ def default_output(raw: Path) -> Path:
     return container.with_name(container.name.removesuffix(".zarr") + "_psc.zarr")
 
 
-def worker_device(name: str) -> str:
-    """The device for workers on other machines: checked for form only, since this
-    machine may have no GPU; ``auto`` is resolved by each worker."""
-    import torch
-
-    try:
-        device = torch.device(name) if name != "auto" else None
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device is not None and device.type not in ("cpu", "cuda"):
-        raise InputError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
-    return name
-
-
 def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> int:
     from psc.pipelines.em import layout
     from psc.pipelines.em.evaluate import evaluate_run, format_table
     from psc.pipelines.em.run import STAGE_NAMES, EMRunError, prepare, run
-    from psc.pipelines.mri.inference import resolve_device
+    from psc.pipelines.devices import parse_device, resolve_device
 
     if len(inputs) != 1:
         raise InputError("the EM pipeline takes one RAW.zarr input per call")
@@ -85,7 +71,8 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     if args.spool and (args.worker_command or args.workers < 1):
         raise InputError("--spool needs --workers >= 1 and no --worker-command")
     if args.spool or args.worker_command:
-        device = worker_device(args.device)  # the workers' machines have the GPUs, not necessarily this one
+        parse_device(args.device)  # the workers' machines have the GPUs, not necessarily this one;
+        device = args.device       # auto is resolved by each worker
     else:
         device = str(resolve_device(args.device))
     if args.force and Path(out).exists():

@@ -35,7 +35,7 @@ def _mri_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=50, help="iterations of linear learning-rate warm-up")
     p.add_argument("--init", default="", help="start from these weights (.pt with its card): fine-tuning")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: autocast, about twice as fast on CPUs with AVX512-BF16 or AMX")
+                   help="bf16: autocast (on an AMX CPU 1.15x faster per step than fp32 for the P2SC2 DenseNet)")
     _run_arguments(p)
 
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from psc.models import build_model, fuse_for_inference, macs_per_output_voxel  # noqa: E402
 from psc.pipelines.em.train import BACKBONE_OPTIONS as EM_OPTIONS  # noqa: E402
 from psc.pipelines.mri.config import BACKBONE_OPTIONS as MRI_OPTIONS  # noqa: E402
-from psc.pipelines.precision import autocast, resolve_precision  # noqa: E402
+from psc.pipelines.precision import autocast, precision_name, resolve_precision  # noqa: E402
 
 from machine import machine_line  # noqa: E402  (benchmarks/, first on sys.path)
 from measure import peak_bytes, timed  # noqa: E402
@@ -181,9 +181,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # autotune each convolution shape once
-    precisions = args.precision or sorted({"fp32", {torch.bfloat16: "bf16", torch.float16: "fp16",
-                                                    torch.float32: "fp32"}[resolve_precision("auto", device)]},
-                                          key=("fp32", "bf16", "fp16").index)
+    precisions = args.precision or list(dict.fromkeys(["fp32", precision_name(resolve_precision("auto", device))]))
     console = Console(width=170)
     console.print(machine_line(device))
     table = Table(title="inference: conv3d vs PmSCn vs MONAI UNet, one run",

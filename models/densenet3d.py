@@ -98,7 +98,6 @@ class DenseNet3d(nn.Module):
         self.classifier = nn.Conv3d(side_channels * len(block_layers), out_channels, 1)
         self.size_divisor = 2 ** len(self.transitions)
 
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[2:])
         pad = [(-s) % self.size_divisor for s in size]

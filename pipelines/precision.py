@@ -34,12 +34,17 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+def check_precision(name: str) -> str:
+    """``name`` if it is one of PRECISIONS (what a run stores before any device is known)."""
+    if name not in PRECISIONS:
+        raise InputError(f"unknown precision {name!r}: use {', '.join(PRECISIONS)}")
+    return name
+
+
 def resolve_precision(name: str, device: torch.device | str) -> torch.dtype:
     """``auto``: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32. An explicit
     name is honoured on any device (emulated bf16 is slow, not wrong)."""
-    if name not in PRECISIONS:
-        raise InputError(f"unknown precision {name!r}: use {', '.join(PRECISIONS)}")
-    if name != "auto":
+    if check_precision(name) != "auto":
         return DTYPES[name]
     device = torch.device(device)
     if device.type == "cuda":

@@ -25,7 +25,7 @@ import daisy
 from funlib.geometry import Coordinate, Roi
 
 from ..errors import InputError
-from ..precision import PRECISIONS
+from ..precision import check_precision
 from . import layout
 from .graph import GraphStore
 from .merge import write_lookup_tables
@@ -78,12 +78,10 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
     if any(b <= 0 or b % 4 for b in block_size):
         raise InputError(f"block size {block_size}: each side must be a positive multiple of 4")
     thresholds = tuple(sorted({float(t) for t in thresholds} | {float(threshold)}))
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     settings = layout.RunSettings(
         raw=str(Path(raw).resolve()), raw_name=raw_name, weights=str(Path(weights).resolve()),
         block_size=block_size, thresholds=thresholds, threshold=float(threshold), device=device,
-        precision=precision, threads_per_worker=max(1, (os.cpu_count() or 1) // max(1, workers)),
+        precision=check_precision(precision), threads_per_worker=max(1, (os.cpu_count() or 1) // max(1, workers)),
     )
     group = open_container(out, mode="a")
     previous = group.attrs.get("psc")

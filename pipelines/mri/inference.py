@@ -33,6 +33,7 @@ from torch import nn
 from psc.models.fusion import fuse_for_inference
 from psc.models.weights import ModelCard
 
+from ..devices import resolve_device
 from ..errors import InputError
 from ..precision import autocast, precision_name, resolve_precision
 from . import config
@@ -50,23 +51,6 @@ class Segmentation:
     probabilities: np.ndarray  # float32, (classes, *input shape), summing to 1 per voxel
     precision: str = "fp32"  # what the network ran in
     windows: int = 1  # how many sliding windows it took
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {name!r} asked for, but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise InputError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
-    return device
 
 
 class _Softmax(nn.Module):

@@ -105,9 +105,8 @@ def _start_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Fine-tuning: take the weights of ``cfg.init`` (hash-checked by its card), which
     must describe the very network being trained."""
     init, card = load_weights(cfg.init)
-    ours = (cfg.backbone, cfg.conv, {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.options.items()})
-    theirs = (card.backbone, card.conv, {k: list(v) if isinstance(v, tuple) else v for k, v in card.options.items()})
-    if ours != theirs:
+    as_json = lambda options: {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}  # noqa: E731
+    if (cfg.backbone, cfg.conv, as_json(cfg.options)) != (card.backbone, card.conv, as_json(card.options)):
         raise ValueError(f"--init {cfg.init} is a {card.backbone}/{card.conv} with options {card.options}, "
                          f"not the {cfg.backbone}/{cfg.conv} with {cfg.options} being trained")
     model.load_state_dict(init.state_dict())
