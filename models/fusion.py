@@ -10,10 +10,20 @@ convolution's output (a "post-op"); torch exposes that as
 * ``Conv3d`` followed by ``ReLU``,
 * ``Conv3d`` followed by ``BatchNorm3d`` and ``ReLU`` (the batch norm folded into the
   convolution's weights with torch's ``fuse_conv_bn_eval``), and
-* ``PmSCn`` block followed by ``ReLU`` (the ReLU moved into each stream's last
-  convolution: ReLU of a concatenation is the concatenation of the ReLUs)
+* ``PmSCn`` block followed by ``ReLU``, or by ``BatchNorm3d`` and ``ReLU`` (the batch
+  norm split by channel over the streams and folded into each stream's last
+  convolution, the ReLU moved there too: batch norm and ReLU of a concatenation are the
+  concatenation of the per-stream ones)
 
-inside an ``nn.Sequential`` becomes one :class:`ConvReLU3d`. Positions are kept (the
+inside an ``nn.Sequential`` becomes one :class:`ConvReLU3d`, and every
+
+* ``BatchNorm3d`` followed by ``ReLU`` with no convolution before it (the pre-activation
+  of DenseNet layers, transitions and side outputs, whose input is a concatenation)
+
+becomes a :class:`BatchNormReLU3d`: the batch norm as a per-channel (depthwise) 1x1x1
+convolution with the ReLU as its post-op, one pass over memory instead of two. On the
+P2SC2 MRI DenseNet at brain size that pass is most of the gain: in bf16 a batch norm
+plus an in-place ReLU over 32 channels took 111 ms, the depthwise kernel 49 ms. Positions are kept (the
 layers folded away become ``nn.Identity``), so code that indexes a Sequential still
 works. The result computes the same function; off the CPU, with gradients, or in a
 torch without the kernel, :class:`ConvReLU3d` runs the convolution and the ReLU as two
@@ -61,6 +71,37 @@ class ConvReLU3d(nn.Module):
                               list(conv.dilation), conv.groups, "relu", [], "")
 
 
+class BatchNormReLU3d(nn.Module):
+    """``relu(batch_norm(x))`` at inference, as one oneDNN depthwise 1x1x1 convolution
+    with a ReLU post-op on CPU; elsewhere (CUDA, gradients, other dtypes) the batch norm
+    and the ReLU themselves."""
+
+    def __init__(self, norm: nn.BatchNorm3d) -> None:
+        super().__init__()
+        self.norm = norm
+        scale = norm.running_var.add(norm.eps).rsqrt()
+        if norm.affine:
+            scale = scale * norm.weight.detach()
+        shift = -norm.running_mean * scale
+        if norm.affine:
+            shift = shift + norm.bias.detach()
+        channels = norm.num_features
+        self.register_buffer("scale", scale.reshape(channels, 1, 1, 1, 1).contiguous(), persistent=False)
+        self.register_buffer("shift", shift.contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if (_POINTWISE is None or x.device.type != "cpu" or torch.is_grad_enabled() or x.dim() != 5
+                or dtype not in (torch.float32, torch.bfloat16) or x.dtype not in (torch.float32, torch.bfloat16)):
+            return F.relu(self.norm(x))
+        # Batch norm keeps x's dtype under autocast (it is not a lower-precision op), so
+        # its output type is x's; the depthwise kernel runs in that type too.
+        dtype = x.dtype
+        with torch.autocast("cpu", enabled=False):
+            return _POINTWISE(x, self.scale.to(dtype), self.shift.to(dtype), [0, 0, 0], [1, 1, 1], [1, 1, 1],
+                              self.norm.num_features, "relu", [], "")
+
+
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with convolution (+ batch norm) + ReLU fused (see
     the module doc). ``model`` itself is not changed."""
@@ -83,14 +124,37 @@ def _fuse_sequential(sequence: nn.Sequential) -> None:
                 _replace(sequence, names, i, end, ConvReLU3d(layer))
                 i = end + 1
                 continue
-        elif isinstance(layer, PmSCn) and end < len(names) and isinstance(sequence[end], nn.ReLU):
-            for stream in layer.streams:
-                if not isinstance(stream.line, ConvReLU3d):
-                    stream.line = ConvReLU3d(stream.line)
-            sequence._modules[names[end]] = nn.Identity()
+        elif isinstance(layer, PmSCn) and not any(isinstance(s.line, ConvReLU3d) for s in layer.streams):
+            norm = sequence[end] if end < len(names) and isinstance(sequence[end], nn.BatchNorm3d) else None
+            relu = end + (norm is not None)
+            if relu < len(names) and isinstance(sequence[relu], nn.ReLU):
+                first = 0
+                for stream in layer.streams:
+                    line = stream.line
+                    if norm is not None:
+                        line = fuse_conv_bn_eval(line, _channels(norm, first, line.out_channels))
+                        first += line.out_channels
+                    stream.line = ConvReLU3d(line)
+                _replace(sequence, names, i, relu, layer)
+                i = relu + 1
+                continue
+        elif (isinstance(layer, nn.BatchNorm3d) and layer.track_running_stats and end < len(names)
+              and isinstance(sequence[end], nn.ReLU)):
+            _replace(sequence, names, i, end, BatchNormReLU3d(layer))
             i = end + 1
             continue
         i += 1
+
+
+def _channels(norm: nn.BatchNorm3d, first: int, count: int) -> nn.BatchNorm3d:
+    """The batch norm of channels ``first .. first + count`` of ``norm``'s input."""
+    part = nn.BatchNorm3d(count, eps=norm.eps, affine=norm.affine).eval()
+    part.running_mean.copy_(norm.running_mean[first:first + count])
+    part.running_var.copy_(norm.running_var[first:first + count])
+    if norm.affine:
+        part.weight.data.copy_(norm.weight.detach()[first:first + count])
+        part.bias.data.copy_(norm.bias.detach()[first:first + count])
+    return part
 
 
 def _replace(sequence: nn.Sequential, names: list[str], first: int, last: int, fused: nn.Module) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .conv_registry import ConvBuilder
-from .layers import ConvChain
+from .layers import ConvChain, MaxPool3d
 from .model_registry import register_model
 
 
@@ -59,7 +59,7 @@ class UNet3d(nn.Module):
         channels = in_channels
         for level in range(levels):
             self.down.append(chain(channels, fmaps[level]))
-            self.pools.append(nn.MaxPool3d(self.downsample_factors[level]))
+            self.pools.append(MaxPool3d(self.downsample_factors[level]))
             channels = fmaps[level]
         self.bottom = chain(channels, fmaps[levels])
         self.ups = nn.ModuleList()

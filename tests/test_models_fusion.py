@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from psc.models import build_model
-from psc.models.fusion import ConvReLU3d, fuse_for_inference
+from psc.models.fusion import BatchNormReLU3d, ConvReLU3d, fuse_for_inference
+from psc.models.pmscn import PmSCn
 
 TINY = {
     "densenet3d": ({"init_channels": 8, "growth_rate": 4, "block_layers": (2, 2), "side_channels": 4}, 24),
@@ -77,3 +78,36 @@ def test_fused_bf16_autocast_matches_unfused():
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = model(x).float(), fused(x).float()
     assert torch.allclose(got, expected, atol=1e-2 * float(expected.abs().max()))
+
+
+def test_pre_activation_batch_norm_and_pmscn_batch_norm_are_fused():
+    """A DenseNet's pre-activation (batch norm + ReLU before a convolution) becomes one
+    depthwise kernel; a PmSCn block's batch norm is split over its streams and folded
+    into their last convolutions, with the ReLU."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.BatchNorm3d(3), nn.ReLU(), PmSCn(3, 7, m=2, n=2), nn.BatchNorm3d(7), nn.ReLU(),
+                          nn.Conv3d(7, 2, 1))
+    randomise_batch_norms(chain)
+    fused = fuse_for_inference(chain)
+    kinds = [type(m) for m in fused]
+    assert kinds == [BatchNormReLU3d, nn.Identity, PmSCn, nn.Identity, nn.Identity, nn.Conv3d]
+    assert all(isinstance(stream.line, ConvReLU3d) and stream.line.conv.bias is not None
+               for stream in fused[2].streams)
+    x = torch.randn(2, 3, 10, 9, 8).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        expected, got = chain.eval()(x), fused(x)
+    assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max()))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fused(x).float()
+    assert torch.allclose(low, expected, atol=3e-2 * float(expected.abs().max()))
+
+
+def test_fused_batch_norm_falls_back_with_gradients():
+    norm = nn.BatchNorm3d(4).eval()
+    randomise_batch_norms(norm)
+    layer = BatchNormReLU3d(norm)
+    x = torch.randn(1, 4, 5, 5, 5, requires_grad=True)
+    out = layer(x)
+    assert torch.allclose(out, torch.relu(norm(x)))
+    out.sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None

@@ -41,6 +41,47 @@ def test_autocast_runs_convolutions_in_the_chosen_dtype():
         assert conv(x).dtype == torch.float32
 
 
+def test_densenet_runs_in_bf16_and_channels_last_after_its_fp32_first_convolution():
+    """Under bf16 autocast every layer of the dense blocks and transitions must see
+    bf16 channels_last input (the first convolution and the head stay in fp32 on
+    purpose). A one-channel input is ambiguous between the two layouts, and the first
+    convolution's fp32 output once made the whole first dense block run contiguous and
+    in fp32 (1.4x slower): this would catch that again."""
+    from psc.models.fusion import BatchNormReLU3d, ConvReLU3d, fuse_for_inference
+
+    model, card = load_weights(DEFAULT_WEIGHTS)
+    model = fuse_for_inference(model).to(memory_format=torch.channels_last_3d)
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs):
+            seen[name] = (inputs[0].dtype, inputs[0].is_contiguous(memory_format=torch.channels_last_3d))
+        return hook
+
+    for name, module in model.named_modules():
+        if name.startswith(("blocks.", "transitions.")) and isinstance(module, (ConvReLU3d, BatchNormReLU3d,
+                                                                                 torch.nn.Conv3d)):
+            module.register_forward_pre_hook(record(name))
+    x = torch.randn(1, 1, 40, 40, 40).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode(), autocast("cpu", torch.bfloat16):
+        model(x)
+    assert len(seen) > 20
+    wrong = {name: got for name, got in seen.items() if got != (torch.bfloat16, True)}
+    assert not wrong, wrong
+
+
+def test_max_pooling_stays_in_bf16_and_is_exact():
+    """Autocast would pool in fp32; a maximum rounds nothing, so psc pools in the input's
+    dtype, and the values are the same."""
+    from psc.models.layers import MaxPool3d
+
+    x = torch.randn(1, 6, 8, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    with autocast("cpu", torch.bfloat16):
+        pooled = MaxPool3d(2)(x)
+    assert pooled.dtype == torch.bfloat16
+    assert torch.equal(pooled.float(), torch.nn.functional.max_pool3d(x.float(), 2))
+
+
 @lru_cache(maxsize=None)
 def mri_labels(device: str, precision: str) -> np.ndarray:
     model, card = load_weights(DEFAULT_WEIGHTS)
