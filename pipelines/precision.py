@@ -10,7 +10,7 @@ convolutions run in bf16/fp16. A copy of the whole network cast to bf16 was trie
 well: for the MRI DenseNet on a brain-sized input (160 x 136 x 152 voxels, 2 CPU cores,
 AMX) it takes 3.5 s per forward against 4.3 s under autocast (5.2 s in fp32),
 but its labels agree with fp32 on only 99.92-99.94 % of brain voxels, against
-99.97-99.98 % under autocast, too close to the 99.9 % bar to hold on every CPU.
+99.95-99.98 % under autocast, too close to the 99.9 % bar to hold on every CPU.
 Whether the precision keeps the answer is checked by tests, not assumed.
 """
 
