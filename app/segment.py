@@ -24,6 +24,7 @@ import psc.models
 from psc.app.cli import HelpFormatter, run_guarded
 from psc.app.segment_em import add_arguments as add_em_arguments
 from psc.app.segment_em import run_em
+from psc.pipelines.allocator import keep_freed_memory
 from psc.pipelines.errors import InputError
 from psc.pipelines.precision import PRECISIONS
 
@@ -174,6 +175,7 @@ def report(console: Console, path: Path, paths: dict[str, Path], seg, names: dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    keep_freed_memory()
     return run_guarded(PROG, lambda: run(args, Console(highlight=False)))
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from psc.models.weights import WeightsError
+from psc.pipelines.allocator import keep_freed_memory
 from psc.pipelines.mri import config
 
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     _mri_parser(sub)
     _em_parser(sub)
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         if args.pipeline == "em":
             return _train_em(args)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from psc.app.cli import HelpFormatter
+from psc.pipelines.allocator import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help="serve the workers of a psc-segment --spool run "
                         "until it is finished")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.serve:
         if args.context:
             parser.error("--serve takes its contexts from the run; leave out --context")

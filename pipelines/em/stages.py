@@ -171,4 +171,7 @@ class StageWorker:
         self.stage, self.out = stage, out
 
     def __call__(self) -> None:
+        from ..allocator import keep_freed_memory
+
+        keep_freed_memory()  # a process that only serves blocks: keep its pages for the next one
         serve(self.stage(self.out))
