@@ -13,8 +13,8 @@ import torch
 from mri_fixtures import ThresholdNet, brain_phantom, oblique_affine, save_nifti, save_tiny_model, threshold_card
 from psc.models.weights import load_weights
 from psc.pipelines.errors import InputError
-from psc.pipelines.mri.inference import resolve_device, segment_scan
-from psc.pipelines.mri.io import read_scan
+from psc.pipelines.mri.inference import resolve_device, segment_scan, to_input_grid
+from psc.pipelines.mri.io import Scan, read_scan
 
 
 def dice(a, b):
@@ -126,3 +126,35 @@ def test_cuda_with_amp_agrees_with_cpu(tmp_path):
     cpu_tta = segment_scan(scan, model, card, device="cpu", tta=True)
     assert (gpu.labels == cpu_tta.labels).mean() > 0.99
     assert cpu.labels.shape == gpu.labels.shape
+
+
+@pytest.mark.parametrize("flip", [(1, 1, 1), (-1, 1, -1)])
+@pytest.mark.parametrize("crop", ["inside", "edge"])
+def test_resampling_only_near_the_crop_equals_resampling_the_whole_grid(tmp_path, flip, crop):
+    """to_input_grid resamples only the input voxels near the crop; everywhere else the
+    whole-grid resampling gives pure background. Checked against MONAI's SpatialResample
+    over the whole grid, for an oblique, flipped input and a crop that reaches the model
+    grid's edge (where "border" padding decides the outermost input voxels)."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from psc.pipelines.mri.preprocess import to_meta, to_model_space
+
+    affine = oblique_affine(flip=flip)
+    scan = Scan(tmp_path / "scan.nii.gz", np.ones((30, 26, 28), np.float32), affine)
+    image = to_model_space(to_meta(scan.array, affine), (1.0, 1.5, 1.0))
+    grid = image.shape[1:]
+    box = tuple(slice(3, n - 4) for n in grid) if crop == "inside" else (slice(0, grid[0] - 5), slice(2, grid[1]),
+                                                                       slice(4, grid[2] - 3))
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.zeros((4, *grid))
+    probs[0] = 1.0
+    inner = torch.rand((4, *[b.stop - b.start for b in box]), generator=generator)
+    probs[(slice(None), *box)] = inner / inner.sum(0, keepdim=True)
+    whole = SpatialResample(mode="bilinear", padding_mode="border")(
+        MetaTensor(probs, affine=image.affine), dst_affine=torch.as_tensor(affine),
+        spatial_size=scan.array.shape).as_tensor().numpy()
+    near = to_input_grid(probs, image.affine, box, scan)
+    assert near.shape == whole.shape
+    np.testing.assert_allclose(near, whole, atol=1e-5)
+    assert (np.abs(whole - [[[[1]]], [[[0]]], [[[0]]], [[[0]]]]).sum(0) > 1e-3).mean() > 0.2  # not all background
