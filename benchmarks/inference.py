@@ -142,7 +142,7 @@ def measure_row(model, shape, dtype, device, repeats: int, compile_model: bool) 
         from torch._inductor import config as inductor
 
         inductor.freezing = device.type == "cpu"
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)  # one input shape; dynamic shapes failed in inductor here
     context = autocast(device, dtype) if dtype != torch.float32 else nullcontext()
     out = []
 
