@@ -44,7 +44,7 @@ def default_output(raw: Path) -> Path:
 def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> int:
     from psc.pipelines.em import layout
     from psc.pipelines.em.evaluate import evaluate_run, format_table
-    from psc.pipelines.em.run import STAGE_NAMES, EMRunError, prepare, run
+    from psc.pipelines.em.run import STAGE_NAMES, EMRunError, check_spool, prepare, run
     from psc.pipelines.devices import parse_device, resolve_device
 
     if len(inputs) != 1:
@@ -68,8 +68,7 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
         args.threshold = float(card.metrics.get("val_best_threshold", 0.5))
     if args.workers < 0:
         raise InputError(f"--workers must be >= 0, got {args.workers}")
-    if args.spool and (args.worker_command or args.workers < 1):
-        raise InputError("--spool needs --workers >= 1 and no --worker-command")
+    check_spool(args.spool, args.workers, args.worker_command)
     if args.spool or args.worker_command:
         parse_device(args.device)  # the workers' machines have the GPUs, not necessarily this one;
         device = args.device       # auto is resolved by each worker

@@ -26,10 +26,10 @@ over 32 brain-sized channels, a batch norm plus an in-place ReLU took 111 ms, th
 depthwise kernel 49 ms).
 
 Positions are kept (the layers folded away become ``nn.Identity``), so code that
-indexes a Sequential still works. The result computes the same function; off the CPU, with gradients, or in a
-torch without the kernel, or under ``torch.compile`` (whose inductor makes the same
-fusions, and cannot trace this kernel's strides), :class:`ConvReLU3d` runs the
-convolution and the ReLU as two ordinary ops.
+indexes a Sequential still works. The result computes the same function; off the CPU,
+with gradients, in a torch without the kernel, or under ``torch.compile`` (whose
+inductor makes the same fusions, and cannot trace this kernel's strides), both modules
+run the ordinary ops instead.
 """
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ from .pmscn import PmSCn
 _POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
+def _onednn_applies(x: torch.Tensor) -> bool:
+    """Whether the oneDNN kernel may run on ``x`` (the conditions both modules share)."""
+    return (_POINTWISE is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # inductor fuses on its own
+            and x.dtype in (torch.float32, torch.bfloat16))
+
+
 class ConvReLU3d(nn.Module):
     """``relu(conv(x))``, in one oneDNN kernel on CPU at inference."""
 
@@ -55,10 +62,7 @@ class ConvReLU3d(nn.Module):
 
     def _fusable(self, x: torch.Tensor) -> bool:
         conv = self.conv
-        return (_POINTWISE is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()  # inductor fuses on its own
-                and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
-                and x.dtype in (torch.float32, torch.bfloat16))
+        return _onednn_applies(x) and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable(x):
@@ -93,13 +97,10 @@ class BatchNormReLU3d(nn.Module):
         self.register_buffer("shift", shift.contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if (_POINTWISE is None or x.device.type != "cpu" or torch.is_grad_enabled() or x.dim() != 5
-                or torch.compiler.is_compiling()
-                or dtype not in (torch.float32, torch.bfloat16) or x.dtype not in (torch.float32, torch.bfloat16)):
+        if not _onednn_applies(x) or x.dim() != 5:
             return F.relu(self.norm(x))
         # Batch norm keeps x's dtype under autocast (it is not a lower-precision op), so
-        # its output type is x's; the depthwise kernel runs in that type too.
+        # the depthwise kernel runs in x's dtype too, whatever the autocast dtype.
         dtype = x.dtype
         with torch.autocast("cpu", enabled=False):
             return _POINTWISE(x, self.scale.to(dtype), self.shift.to(dtype), [0, 0, 0], [1, 1, 1], [1, 1, 1],

@@ -185,6 +185,14 @@ def _run_pipeline(pipeline, tasks, workers: int, progress: bool, host: str | Non
 STAGE_NAMES = ("predict", "fragments", "edges", "merge", "relabel")
 
 
+def check_spool(spool: bool, workers: int, worker_command: str | None) -> None:
+    """Spooled workers are posted for ``psc-worker --serve`` processes: there must be at
+    least one, and no command of their own (checked by the command line before it
+    writes anything, and by :func:`run`)."""
+    if spool and (worker_command or workers < 1):
+        raise InputError("--spool needs --workers >= 1 and no --worker-command")
+
+
 def run(out: str | Path, workers: int = 1, worker_command: str | None = None, host: str | None = None,
         progress: bool = True, stages: tuple[str, ...] = STAGE_NAMES, spool: bool = False) -> dict:
     """Run (or resume) the stages of the run prepared in ``out``.
@@ -202,8 +210,7 @@ def run(out: str | Path, workers: int = 1, worker_command: str | None = None, ho
     unknown = set(stages) - set(STAGE_NAMES)
     if unknown:
         raise InputError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGE_NAMES)}")
-    if spool and (worker_command or workers < 1):
-        raise InputError("spooled workers need --workers >= 1 and no --worker-command")
+    check_spool(spool, workers, worker_command)
     out = str(out)
     if not spool:
         return _run(out, workers, worker_command, host, progress, stages, False)
