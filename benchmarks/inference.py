@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psc.models import build_model, fuse_for_inference, macs_per_output_voxel  # noqa: E402
+from psc.models import build_model, count_parameters, fuse_for_inference, macs_per_output_voxel  # noqa: E402
 from psc.pipelines.em.train import BACKBONE_OPTIONS as EM_OPTIONS  # noqa: E402
 from psc.pipelines.mri.config import BACKBONE_OPTIONS as MRI_OPTIONS  # noqa: E402
 from psc.pipelines.precision import autocast, precision_name, resolve_precision  # noqa: E402
@@ -60,10 +60,6 @@ from measure import peak_bytes, timed  # noqa: E402
 PMSCN = ("p1sc1", "p2sc2", "p2sc3")
 MRI_CROP = (144, 128, 160)
 EM_BLOCK = 64
-
-
-def parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def scaled(options: dict, factor: float, keys: tuple[str, ...]) -> dict:
@@ -78,7 +74,7 @@ def equal_parameters(build, options: dict, keys: tuple[str, ...], target: int) -
     for step in range(30, 201):
         factor = step / 100
         candidate = scaled(options, factor, keys)
-        gap = abs(parameters(build(candidate)) - target)
+        gap = abs(count_parameters(build(candidate)) - target)
         if best is None or gap < best[0]:
             best = (gap, candidate, factor)
     return best[1], best[2]
@@ -91,7 +87,7 @@ def monai_unet(in_channels: int, out_channels: int, target: int) -> torch.nn.Mod
         return UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
                     channels=(c, 2 * c, 4 * c, 8 * c), strides=(2, 2, 2), num_res_units=2)
 
-    c = min(range(4, 65), key=lambda c: abs(parameters(make(c)) - target))
+    c = min(range(4, 65), key=lambda c: abs(count_parameters(make(c)) - target))
     return make(c)
 
 
@@ -124,7 +120,7 @@ def cases(task: str):
 
         def build(conv, opts):
             return build_model("unet3d", conv=conv, **opts)
-    reference = parameters(build("conv3d", options))
+    reference = count_parameters(build("conv3d", options))
     yield "conv3d", "width", lambda: build("conv3d", options)
     for conv in PMSCN:
         yield conv, "width", (lambda c=conv: build(c, options))
@@ -209,7 +205,8 @@ def main(argv=None) -> int:
                     mvox = r["voxels"] / r["seconds"] / 1e6
                     gflops = 2 * kmacs * 1e3 * r["voxels"] / r["seconds"] / 1e9
                     table.add_row(task, name, widths, precision, "yes" if compiled else "no",
-                                  f"{parameters(model):,}", f"{kmacs:.1f}", f"{mvox:.2f}", f"{gflops:.0f}",
+                                  f"{count_parameters(model):,}", f"{kmacs:.1f}", f"{mvox:.2f}",
+                                  f"{gflops:.0f}",
                                   f"{r['peak_mb']:,.0f}", f"{r['seconds'] / base[key]:.2f}",
                                   "-" if r["compile_s"] != r["compile_s"] else f"{r['compile_s']:.0f}")
             table.add_section()

@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psc.models import build_model, macs_per_output_voxel, make_conv  # noqa: E402
+from psc.models import build_model, count_parameters, macs_per_output_voxel, make_conv  # noqa: E402
 from psc.pipelines.mri.config import BACKBONE_OPTIONS, INFERENCE_WINDOW, PATCH_SIZE  # noqa: E402
 
 from machine import cpu_model  # noqa: E402  (benchmarks/, first on sys.path)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model = make().to(device)
         state = copy.deepcopy(model.state_dict())
-        params = sum(p.numel() for p in model.parameters())
+        params = count_parameters(model)
         # Forward multiply-accumulates per output voxel (torch's FlopCounterMode on a
         # 16^3 input: per voxel it does not depend on the input size).
         kmacs = macs_per_output_voxel(model.cpu(), (16, 16, 16), shape[1]) / 1000
