@@ -15,7 +15,7 @@ def run_guarded(prog: str, body: Callable[[], int]) -> int:
     """Run a command's body: a user error (``InputError``) becomes one ``PROG: error:``
     line and exit code 2, Ctrl-C exit code 130; anything else is a bug and keeps its
     traceback."""
-    from psc.pipelines.errors import InputError
+    from psc.utils.errors import InputError
 
     try:
         return body()

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from psc.app.cli import HelpFormatter
-from psc.pipelines.errors import InputError
+from psc.utils.errors import InputError
 
 
 PROG = "psc-eval"

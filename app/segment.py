@@ -25,7 +25,7 @@ from psc.app.cli import HelpFormatter, run_guarded
 from psc.app.segment_em import add_arguments as add_em_arguments
 from psc.app.segment_em import run_em
 from psc.pipelines.allocator import keep_freed_memory
-from psc.pipelines.errors import InputError
+from psc.utils.errors import InputError
 from psc.pipelines.precision import PRECISIONS
 
 

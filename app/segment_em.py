@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 import psc.models
-from psc.pipelines.errors import InputError
+from psc.utils.errors import InputError
 
 DEFAULT_EM_WEIGHTS = Path(psc.models.__file__).parent / "pretrained" / "em_unet3d_p2sc2.pt"
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from psc.app.cli import HelpFormatter
-from psc.pipelines.errors import InputError
+from psc.utils.errors import InputError
 
 PROG = "psc-view"
 WIDGETS = {"segment": "Segment", "score": "Score", "threshold": "Threshold (EM)"}

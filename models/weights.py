@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from psc.utils.errors import InputError
+from psc.utils.files import atomic_write
 
 from .model_registry import build_model
 
@@ -63,24 +64,6 @@ def card_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into
-    place: a crash never leaves a half-written file. The temporary keeps the final
-    suffixes (``.nii.gz``) so writers that choose a format by name choose right."""
-    suffix = "".join(Path(path.name).suffixes[-2:])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; shared outputs must be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_weights(model: nn.Module, card: ModelCard, path: str | Path) -> ModelCard:
     """Write ``path`` (.pt state dict, fp32) and its card ``path.json``; returns the card
     with parameters and sha256 filled in."""
@@ -95,8 +78,8 @@ def save_weights(model: nn.Module, card: ModelCard, path: str | Path) -> ModelCa
     return card
 
 
-class WeightsError(RuntimeError):
-    pass
+class WeightsError(InputError):
+    """Weights that cannot be used as asked: missing, corrupt, or of another kind."""
 
 
 def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:

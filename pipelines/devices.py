@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InputError
+from psc.utils.errors import InputError
 
 
 def parse_device(name: str) -> torch.device | None:

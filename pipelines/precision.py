@@ -20,7 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .errors import InputError
+from psc.utils.errors import InputError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

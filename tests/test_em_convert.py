@@ -22,7 +22,7 @@ import zarr
 from psc.app.convert import main
 from psc.pipelines.em import volumes
 from psc.pipelines.em.convert import convert, split_source
-from psc.pipelines.errors import InputError
+from psc.utils.errors import InputError
 
 FIB25_GT = Path("/work/shared/data/fib25/train-gt.lzf.h5")
 

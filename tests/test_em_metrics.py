@@ -11,7 +11,7 @@ import waterz
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from psc.pipelines.em.metrics import Contingency, evaluate, scores
-from psc.pipelines.errors import InputError
+from psc.utils.errors import InputError
 
 SHAPE = (30, 33, 29)
 

@@ -12,7 +12,7 @@ import torch
 
 from mri_fixtures import ThresholdNet, brain_phantom, oblique_affine, save_nifti, save_tiny_model, threshold_card
 from psc.models.weights import load_weights
-from psc.pipelines.errors import InputError
+from psc.utils.errors import InputError
 from psc.pipelines.mri.inference import resolve_device, segment_scan, to_input_grid
 from psc.pipelines.mri.io import Scan, read_scan
 

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from mri_fixtures import brain_phantom, oblique_affine, save_nifti
-from psc.pipelines.errors import InputError
+from psc.utils.errors import InputError
 from psc.pipelines.mri.io import read_scan, write_nifti
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ibsr18"

@@ -13,7 +13,7 @@ import torch
 
 from psc.app.segment import DEFAULT_WEIGHTS
 from psc.models.weights import load_weights
-from psc.pipelines.errors import InputError
+from psc.utils.errors import InputError
 from psc.pipelines.mri.inference import segment_scan
 from psc.pipelines.mri.io import read_scan
 from psc.pipelines.mri.sample import sample_t1_path

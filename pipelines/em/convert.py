@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import zarr
 
-from ..errors import InputError
+from psc.utils.errors import InputError
 from .volumes import OME_VERSION, Volume, create_volume, open_volume
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")

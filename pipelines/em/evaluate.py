@@ -13,7 +13,7 @@ from typing import Iterator
 from funlib.geometry import Roi
 from tqdm import tqdm
 
-from ..errors import InputError
+from psc.utils.errors import InputError
 from . import layout
 from .graph import GraphStore, apply_lookup
 from .metrics import Contingency, sum_pairs, scores

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
+from psc.utils.errors import InputError
 
 
 def sum_pairs(seg: np.ndarray, gt: np.ndarray, counts: np.ndarray):

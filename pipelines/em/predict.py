@@ -19,7 +19,7 @@ from funlib.geometry import Coordinate, Roi
 from psc.models.fusion import fuse_for_inference
 from psc.models.weights import load_weights
 
-from ..errors import InputError
+from psc.utils.errors import InputError
 from ..precision import autocast, resolve_precision
 from .volumes import Volume, read_clamped
 

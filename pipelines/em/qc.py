@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from psc.models.weights import atomic_write
+from psc.utils.files import atomic_write
 
 from . import layout
 from .volumes import open_volume

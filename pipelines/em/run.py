@@ -24,7 +24,7 @@ from pathlib import Path
 import daisy
 from funlib.geometry import Coordinate, Roi
 
-from ..errors import InputError
+from psc.utils.errors import InputError
 from ..precision import check_precision
 from . import layout
 from .graph import GraphStore

@@ -148,7 +148,7 @@ def train(cfg: EMTrainConfig, resume: bool = False) -> Path:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     raw, labels = open_volume(cfg.raw), open_volume(cfg.labels)
     if raw.shape != labels.shape:
-        from ..errors import InputError
+        from psc.utils.errors import InputError
 
         raise InputError(f"raw {raw.shape} and labels {labels.shape} differ in shape")
     split = int(round(raw.shape[2] * (1 - cfg.val_fraction))) // 4 * 4  # on the pooling grid

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 from funlib.geometry import Roi
 
-from ..errors import InputError
+from psc.utils.errors import InputError
 
 SPATIAL_AXES = ("z", "y", "x")
 UNIT = "nanometer"

@@ -20,7 +20,7 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 
-from ..errors import InputError
+from psc.utils.errors import InputError
 from .io import is_scan_file, read_scan, scan_stem
 from .preprocess import brain_bbox, normalise, to_meta, to_model_space
 

@@ -34,7 +34,7 @@ from psc.models.fusion import fuse_for_inference
 from psc.models.weights import ModelCard
 
 from ..devices import resolve_device
-from ..errors import InputError
+from psc.utils.errors import InputError
 from ..precision import autocast, precision_name, resolve_precision
 from . import config
 from .io import Scan

@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from psc.models.weights import atomic_write
+from psc.utils.files import atomic_write
 
-from ..errors import InputError
+from psc.utils.errors import InputError
 
 NIBABEL_EXTENSIONS = (".nii.gz", ".nii", ".mgz", ".mgh")
 SITK_EXTENSIONS = (".nrrd", ".nhdr", ".mha", ".mhd")

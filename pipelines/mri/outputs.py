@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from psc.utils.errors import InputError
 from .inference import Segmentation
-from psc.models.weights import atomic_write
+from psc.utils.files import atomic_write
 
 from .io import Scan, scan_stem, write_nifti, write_text
 

@@ -269,7 +269,7 @@ def run_raw(out: str | os.PathLike) -> tuple[Path, str] | None:
 
     from psc.pipelines.em import layout
     from psc.pipelines.em.volumes import open_volume
-    from psc.pipelines.errors import InputError
+    from psc.utils.errors import InputError
 
     try:
         settings = layout.RunSettings.load(out)

@@ -32,7 +32,7 @@ def default_weights(pipeline: str) -> Path:
 
 def read_card(weights: str | Path):
     from psc.models.weights import ModelCard, card_path
-    from psc.pipelines.errors import InputError
+    from psc.utils.errors import InputError
 
     weights = Path(weights)
     if not weights.is_file():
@@ -51,7 +51,7 @@ def segment_mri(data: Any, affine: np.ndarray, weights: str | Path, device: str 
                 progress: Progress | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """(labels on the image's grid, label names) for a 3-D T1 image."""
     from psc.models.weights import load_weights
-    from psc.pipelines.errors import InputError
+    from psc.utils.errors import InputError
     from psc.pipelines.mri.inference import resolve_device, segment_scan
     from psc.pipelines.mri.io import Scan
 
@@ -89,7 +89,7 @@ def segment_em(raw: str | None, out: str | Path | None, weights: str | Path, dev
     """Run the EM pipeline; returns the run's ``OUT.zarr``. ``raw`` is a zarr array path
     (``RAW.zarr/raw``); without it ``data`` is copied to a temporary container first."""
     from psc.pipelines.em.run import STAGE_NAMES, prepare, run
-    from psc.pipelines.errors import InputError
+    from psc.utils.errors import InputError
     from psc.pipelines.mri.inference import resolve_device
 
     if not is_em_card(read_card(weights)):

@@ -59,7 +59,7 @@ def _names(meta: dict) -> dict[int, str]:
 def write_nifti_labels(path: str, data: Any, meta: dict) -> list[str]:
     import nibabel as nib
 
-    from psc.models.weights import atomic_write
+    from psc.utils.files import atomic_write
     from psc.pipelines.mri.io import write_text
 
     array = np.asarray(data)
