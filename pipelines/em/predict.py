@@ -16,19 +16,14 @@ import numpy as np
 import torch
 from funlib.geometry import Coordinate, Roi
 
-from psc.models.fusion import fuse_for_inference
-from psc.models.weights import load_weights
-
+from psc.models.weights import EM_AFFINITY
 from psc.utils.errors import InputError
-from ..precision import autocast, resolve_precision
+
+from ..inference import InferenceNetwork, load_network, prepare_network
+from .normalise import divide_by_dtype_max, normaliser
 from .volumes import Volume, read_clamped
 
-
-def normalise_raw(raw: np.ndarray) -> np.ndarray:
-    """Raw intensities to [0, 1] by the dtype's range (EM detectors fill it)."""
-    if np.issubdtype(raw.dtype, np.integer):
-        return raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)
-    return raw.astype(np.float32)
+normalise_raw = divide_by_dtype_max  # the shipped EM models' normalisation (tests, the naive baseline)
 
 
 class AffinityPredictor:
@@ -36,19 +31,34 @@ class AffinityPredictor:
 
     Built once per worker process (weights are read and hashed once), then called per
     block. ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast
-    (``psc.pipelines.precision``), resolved on this worker's device.
+    (``psc.pipelines.precision``), resolved on this worker's device. The raw is
+    normalised as the card says (``psc.pipelines.em.normalise``).
     """
 
     def __init__(self, weights: str | Path, device: str = "cpu", precision: str = "fp32") -> None:
-        model, self.card = load_weights(weights, map_location="cpu")
-        self.model = fuse_for_inference(model)  # conv + ReLU in one kernel on CPU
-        if self.card.backbone != "unet3d" or self.card.out_channels != 3:
-            raise InputError(f"{weights}: not an affinity model (backbone {self.card.backbone})")
+        self._setup(load_network(weights, EM_AFFINITY, device, precision, channels_last=False), str(weights))
+
+    @classmethod
+    def from_network(cls, network: InferenceNetwork) -> "AffinityPredictor":
+        """A predictor around a network prepared elsewhere (training's validation runs
+        the live, unfused network through exactly the inference code)."""
+        predictor = cls.__new__(cls)
+        predictor._setup(network, "the training network")
+        return predictor
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, card=None) -> "AffinityPredictor":
+        """The live ``model`` (unfused, CPU, fp32) behind the inference code."""
+        return cls.from_network(prepare_network(model, "cpu", "fp32", fuse=False, channels_last=False, card=card))
+
+    def _setup(self, network: InferenceNetwork, source: str) -> None:
+        self.network = network
+        self.model = network.module
+        self.card = network.card
+        self.normalise = normaliser(self.card) if self.card is not None else divide_by_dtype_max
         if getattr(self.model, "padding", "valid") != "valid":
-            raise InputError(f"{weights}: blockwise prediction needs a valid-padded U-Net")
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        self.dtype = resolve_precision(precision, self.device)
+            raise InputError(f"{source}: blockwise prediction needs a valid-padded U-Net")
+        self.device, self.dtype = network.device, network.dtype
         factors = np.prod(np.array(self.model.downsample_factors), axis=0)
         self.grid = Coordinate(int(f) for f in factors)
         self.context = Coordinate(self._context())
@@ -88,10 +98,6 @@ class AffinityPredictor:
             raise ValueError(f"block offset {roi.offset} is not on the pooling grid {self.grid}")
         out_shape = Coordinate(self._valid_output(int(s)) for s in roi.shape)
         in_roi = Roi(roi.offset - self.context, out_shape + self.context * 2)
-        x = torch.from_numpy(normalise_raw(read_clamped(raw, in_roi)))[None, None].to(self.device)
-        if self.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        with autocast(self.device, self.dtype):
-            y = self.model(x)
-        y = y.float()[0].cpu().numpy()
+        x = torch.from_numpy(self.normalise(read_clamped(raw, in_roi)))[None, None]
+        y = self.network(x).float()[0].cpu().numpy()
         return np.ascontiguousarray(y[(slice(None), *(slice(0, s) for s in roi.shape))])

@@ -30,15 +30,14 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import SpatialResample
 from torch import nn
 
-from psc.models.fusion import fuse_for_inference
 from psc.models.weights import ModelCard
-
-from ..devices import resolve_device
 from psc.utils.errors import InputError
-from ..precision import autocast, precision_name, resolve_precision
+
+from ..devices import resolve_device  # noqa: F401  (re-exported: callers check a device before loading)
+from ..inference import InferenceNetwork, prepare_network
 from . import config
 from .io import Scan
-from .preprocess import brain_bbox, normalise, to_meta, to_model_space
+from .preprocess import brain_bbox, normaliser, to_meta, to_model_space
 
 
 @dataclass
@@ -58,19 +57,16 @@ class _Softmax(nn.Module):
     left-right mirrored prediction (flip test-time augmentation), in fp32 whatever
     precision the network runs in."""
 
-    def __init__(self, model: nn.Module, tta: bool, dtype: torch.dtype,
-                 on_window: Callable[[], None] | None = None) -> None:
+    def __init__(self, network: InferenceNetwork, tta: bool, on_window: Callable[[], None] | None = None) -> None:
         super().__init__()
-        self.model, self.tta, self.dtype, self.on_window = model, tta, dtype, on_window
+        self.network, self.tta, self.on_window = network, tta, on_window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_window is not None:
             self.on_window()
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-        with autocast(x.device, self.dtype):
-            probs = torch.softmax(self.model(x).float(), dim=1)
-            if self.tta:  # axis 2 is left-right in RAS model space
-                probs = 0.5 * (probs + torch.softmax(self.model(x.flip(2)).float(), dim=1).flip(2))
+        probs = torch.softmax(self.network(x).float(), dim=1)
+        if self.tta:  # axis 2 is left-right in RAS model space
+            probs = 0.5 * (probs + torch.softmax(self.network(x.flip(2)).float(), dim=1).flip(2))
         return probs
 
 
@@ -97,27 +93,26 @@ def choose_window(shape: Sequence[int], window: Sequence[int] | None = None) -> 
     return tuple(min(int(w), s) for w, s in zip(window, shape))
 
 
-def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "auto", overlap: float = 0.25,
-                 tta: bool = False, mask: Scan | None = None, precision: str = "auto",
-                 window: Sequence[int] | None = None, progress: bool = False,
-                 on_window: Callable[[int, int], None] | None = None) -> Segmentation:
-    """Labels and probabilities on ``scan``'s grid. Probabilities, not labels, are
-    resampled back, so a boundary between two model voxels lands where the evidence
-    crosses over, not on the nearest model voxel. ``mask`` (same grid as ``scan``)
-    replaces the nonzero voxels as the brain; outside it every label is background.
-    ``precision`` is ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see
-    ``psc.pipelines.precision``); ``window`` the sliding window in model voxels
-    (default: see the module doc). ``progress`` shows MONAI's own tqdm bar;
-    ``on_window(done, total)`` is called as each window starts, for a caller's own
-    progress display."""
-    if not 0 <= overlap < 1:
-        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+@dataclass
+class ModelSpaceInput:
+    """A scan as the network sees it: ``image`` (the whole scan in model space, with its
+    affine), ``crop`` (normalised, cut to the brain's bounding box ``box``, batch and
+    channel first) and the brain mask in model space when one was given."""
+
+    image: MetaTensor
+    crop: torch.Tensor
+    box: tuple[slice, ...]
+    brain: torch.Tensor | None
+
+
+def preprocess(scan: Scan, card: ModelCard, mask: Scan | None = None) -> ModelSpaceInput:
+    """Scan -> model space (the card's orientation and spacing), normalised as the card
+    says over the brain (``mask``, else the nonzero voxels), cropped to the brain."""
     if mask is not None and mask.array.shape != scan.array.shape:
         raise InputError(f"mask shape {mask.array.shape} differs from the scan's {scan.array.shape}")
     if mask is not None and not np.allclose(mask.affine, scan.affine, atol=1e-3):
         raise InputError(f"mask {mask.path.name} lies on a different grid than {scan.path.name} (affines differ)")
-    target = resolve_device(device)
-    dtype = resolve_precision(precision, target)
+    normalise = normaliser(card)
     image = to_model_space(to_meta(scan.array.astype(np.float32), scan.affine), card.spacing, card.orientation)
     brain_ms = None
     if mask is not None:
@@ -127,30 +122,58 @@ def segment_scan(scan: Scan, model: nn.Module, card: ModelCard, device: str = "a
             raise InputError(f"mask {mask.path.name} is empty after resampling to the model's grid")
     x = normalise(image.as_tensor(), brain_ms)
     box = brain_bbox(brain_ms.float() if brain_ms is not None else x)
-    crop = x[(slice(None), *box)][None]
+    return ModelSpaceInput(image, x[(slice(None), *box)][None], box, brain_ms)
 
+
+def predict(prepared: ModelSpaceInput, network: InferenceNetwork, overlap: float = 0.25, tta: bool = False,
+            window: Sequence[int] | None = None, progress: bool = False,
+            on_window: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, int]:
+    """Class probabilities (fp32, on the CPU) of the whole model-space grid, background
+    outside the crop, and the number of sliding windows it took."""
+    crop = prepared.crop
     window = choose_window(crop.shape[2:], window)
     inferer = SlidingWindowInferer(roi_size=window, sw_batch_size=1, overlap=overlap, mode="gaussian",
-                                   sw_device=target, device=torch.device("cpu"), progress=progress)
+                                   sw_device=network.device, device=torch.device("cpu"), progress=progress)
     windows = window_count(crop.shape[2:], window, overlap)
     tick = None
     if on_window is not None:
         done = itertools.count(1)
         tick = lambda: on_window(next(done), windows)  # noqa: E731
-    model = fuse_for_inference(model).to(target).to(memory_format=torch.channels_last_3d)
-    net = _Softmax(model, tta, dtype, tick)
     with torch.inference_mode():
-        probs_crop = inferer(crop, net)[0]
-
-    classes = probs_crop.shape[0]
-    probs = torch.zeros((classes, *x.shape[1:]), dtype=torch.float32)
+        probs_crop = inferer(crop, _Softmax(network, tta, tick))[0]
+    grid = prepared.image.shape[1:]
+    probs = torch.zeros((probs_crop.shape[0], *grid), dtype=torch.float32)
     probs[0] = 1.0  # outside the crop: background
-    probs[(slice(None), *box)] = probs_crop.float()
-    probabilities = to_input_grid(probs, image.affine, box, scan)
+    probs[(slice(None), *prepared.box)] = probs_crop.float()
+    return probs, windows
+
+
+def segment_scan(scan: Scan, model: nn.Module | InferenceNetwork, card: ModelCard, device: str = "auto",
+                 overlap: float = 0.25, tta: bool = False, mask: Scan | None = None, precision: str = "auto",
+                 window: Sequence[int] | None = None, progress: bool = False,
+                 on_window: Callable[[int, int], None] | None = None) -> Segmentation:
+    """Labels and probabilities on ``scan``'s grid: :func:`preprocess` ->
+    :func:`predict` -> :func:`to_input_grid`. Probabilities, not labels, are resampled
+    back, so a boundary between two model voxels lands where the evidence crosses over,
+    not on the nearest model voxel. ``mask`` (same grid as ``scan``) replaces the nonzero
+    voxels as the brain; outside it every label is background.
+
+    ``model``: a network from ``psc.pipelines.inference.prepare_network`` (prepared once
+    for many scans: ``device`` and ``precision`` are then its own), or a plain module,
+    prepared here for this one call on ``device`` in ``precision`` (``auto``, ``fp32``,
+    ``bf16``, ``fp16``). ``window`` is the sliding window in model voxels (default: see
+    the module doc). ``progress`` shows MONAI's own tqdm bar; ``on_window(done, total)``
+    is called as each window starts, for a caller's own progress display."""
+    if not 0 <= overlap < 1:
+        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+    network = model if isinstance(model, InferenceNetwork) else prepare_network(model, device, precision)
+    prepared = preprocess(scan, card, mask)
+    probs, windows = predict(prepared, network, overlap, tta, window, progress, on_window)
+    probabilities = to_input_grid(probs, prepared.image.affine, prepared.box, scan)
     labels = probabilities.argmax(0).astype(np.uint8)
     brain = (mask.array > 0) if mask is not None else (scan.array != 0)
     labels[~brain] = 0
-    return Segmentation(labels, probabilities, precision_name(dtype), windows)
+    return Segmentation(labels, probabilities, network.precision, windows)
 
 
 def to_input_grid(probs: torch.Tensor, model_affine, box: Sequence[slice], scan: Scan) -> np.ndarray:

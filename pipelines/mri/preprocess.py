@@ -14,6 +14,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensity, Orientation, Spacing
 
+from psc.models.weights import ModelCard, WeightsError
+
 
 def to_meta(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
     """A channel-first MetaTensor (1, X, Y, Z) for a 3D array and its affine."""
@@ -44,6 +46,19 @@ def normalise(image: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
     out = torch.zeros_like(image)
     out[mask] = (values - values.mean()) / values.std().clamp_min(1e-8)
     return out
+
+
+NORMALISATIONS = {"zscore-nonzero": normalise}  # the card's ``normalisation`` -> its function
+
+
+def normaliser(card: ModelCard):
+    """The intensity transform ``card``'s network was trained with: inference and
+    training both take it from the card, never from a second copy."""
+    try:
+        return NORMALISATIONS[card.normalisation]
+    except KeyError:
+        raise WeightsError(f"the model card names the MRI normalisation {card.normalisation!r}, which this "
+                           f"version of psc does not know ({', '.join(NORMALISATIONS)})") from None
 
 
 def brain_bbox(image: torch.Tensor, margin: int = 8) -> tuple[slice, ...]:
