@@ -12,10 +12,7 @@ the thresholds selects the checkpoint.
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,10 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from funlib.geometry import Roi
-from tqdm import tqdm
 
 from psc.models import build_model
-from psc.models.weights import ModelCard, save_weights
+from psc.models.weights import ModelCard
+from psc.utils.files import atomic_write
+
+from ..training import Panel, Run, SamplerHooks, warmup_cosine
 
 from .affinities import affinities_from_labels, balance_weights
 from .metrics import evaluate
@@ -135,17 +134,17 @@ def validate(model: torch.nn.Module, raw: Volume, labels: Volume, val_roi: Roi) 
     return {"per_threshold": results, "best_threshold": best, "voi": results[best]["voi"]}
 
 
-def _lr(step: int, cfg: EMTrainConfig) -> float:
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, cfg.iterations))))
-
-
-def train(cfg: EMTrainConfig, resume: bool = False) -> Path:
+def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Train as ``cfg`` says in ``cfg.out``; ``resume`` continues exactly from its
+    ``last.pt`` (the run-folder mechanics are ``psc.pipelines.training``, shared with
+    MRI). ``stop_after``: stop after the checkpoint at that iteration, as if killed
+    (tests of resume); nothing is exported then."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(cfg), indent=2)))
     raw, labels = open_volume(cfg.raw), open_volume(cfg.labels)
     if raw.shape != labels.shape:
         from psc.utils.errors import InputError
@@ -159,58 +158,51 @@ def train(cfg: EMTrainConfig, resume: bool = False) -> Path:
     context = int(predictor.context[0])
     sampler = Sampler(raw, labels, train_roi, cfg.out_size, context, cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step, best, log_path = 0, math.inf, out / "log.csv"
-    if resume and (out / "last.pt").is_file():
-        state = torch.load(out / "last.pt", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best = state["step"], state["best"]
-        sampler.rng = np.random.default_rng(cfg.seed + step)
-        print(f"resumed at iteration {step} (best VI {best:.4f})", flush=True)
-    elif log_path.exists():
-        log_path.unlink()
-    model.train()
-    losses, started = [], time.time()
-    bar = tqdm(total=cfg.iterations, initial=step, desc=f"train em {cfg.conv}")
-    while step < cfg.iterations:
+    scheduler = warmup_cosine(optimizer, cfg.iterations)  # cosine, no warm-up
+
+    hooks = SamplerHooks(state=lambda: sampler.rng.bit_generator.state,
+                         restore=lambda state: setattr(sampler.rng.bit_generator, "state", state),
+                         reseed=lambda step: setattr(sampler, "rng", np.random.default_rng(cfg.seed + step)))
+    latest: dict = {}  # the last validation's result, for best.json
+
+    def write_best(step: int) -> None:
+        text = json.dumps({"iteration": step, **latest}, indent=2, default=float)
+        atomic_write(out / "best.json", lambda tmp: Path(tmp).write_text(text))
+
+    voi = ("val_voi", "val_voi_split", "val_voi_merge")
+    run = Run(out, model, optimizer, scheduler, hooks,
+              columns=["iteration", "train_loss", *voi, "val_rand_error", "val_best_threshold", "seconds"],
+              panels=[Panel({"train_loss": "train loss (balanced BCE)"}),
+                      Panel({k: k.replace("val_", "") for k in voi}, "validation VI (bits, best threshold)")],
+              higher_is_better=False, score_name="VI", on_best=write_best)
+    run.start(resume)
+
+    def train_step() -> float:
         batch = [sampler.sample() for _ in range(cfg.batch)]
         x, target, mask, weight = (torch.from_numpy(np.stack(parts)) for parts in zip(*batch))
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg)
         prediction = model(x[:, None])
         loss = F.binary_cross_entropy(prediction.clamp(1e-6, 1 - 1e-6), target, weight=weight, reduction="sum")
         loss = loss / mask.sum().clamp(min=1)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if step % cfg.val_every == 0 or step == cfg.iterations:
-            result = validate(model, raw, labels, val_roi)
-            scores = result["per_threshold"][result["best_threshold"]]
-            new_file = not log_path.exists()
-            with log_path.open("a", newline="") as handle:
-                writer = csv.writer(handle)
-                if new_file:
-                    writer.writerow(["iteration", "train_loss", "val_voi", "val_voi_split", "val_voi_merge",
-                                     "val_rand_error", "val_best_threshold", "seconds"])
-                writer.writerow([step, f"{np.mean(losses):.4f}", f"{result['voi']:.4f}",
-                                 f"{scores['voi_split']:.4f}", f"{scores['voi_merge']:.4f}",
-                                 f"{scores['adapted_rand_error']:.4f}", result["best_threshold"],
-                                 int(time.time() - started)])
-            losses = []
-            if result["voi"] < best:
-                best = result["voi"]
-                torch.save(model.state_dict(), out / "best.pt")
-                (out / "best.json").write_text(json.dumps({"iteration": step, **result}, indent=2, default=float))
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "best": best}, out / "last.pt")
-            _plot(log_path, out / "curves.png")
-    bar.close()
+        return loss.item()
+
+    def validation(step: int) -> tuple[float, dict]:
+        result = validate(model, raw, labels, val_roi)
+        latest.clear()
+        latest.update(result)
+        scores = result["per_threshold"][result["best_threshold"]]
+        return result["voi"], {"val_voi": f"{result['voi']:.4f}", "val_voi_split": f"{scores['voi_split']:.4f}",
+                               "val_voi_merge": f"{scores['voi_merge']:.4f}",
+                               "val_rand_error": f"{scores['adapted_rand_error']:.4f}",
+                               "val_best_threshold": result["best_threshold"]}
+
+    model.train()
+    if not run.fit(cfg.iterations, cfg.val_every, train_step, validation, stop_after=stop_after,
+                   desc=f"train em {cfg.conv}"):
+        return out
     if cfg.export:
-        model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
         best_result = json.loads((out / "best.json").read_text())
         card = ModelCard(
             backbone="unet3d", conv=cfg.conv, options=cfg.options, in_channels=1, out_channels=3,
@@ -225,28 +217,5 @@ def train(cfg: EMTrainConfig, resume: bool = False) -> Path:
                      "val_voi": best_result["voi"],
                      "val_per_threshold": best_result["per_threshold"]},
         )
-        save_weights(model, card, cfg.export)
-        print(f"exported {cfg.export}", flush=True)
+        run.export(card, cfg.export)
     return out
-
-
-def _plot(log_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(csv.DictReader(log_path.open()))
-    it = [int(r["iteration"]) for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(it, [float(r["train_loss"]) for r in rows], label="train loss (balanced BCE)")
-    ax1.set_xlabel("iteration")
-    ax1.legend()
-    for key in ("val_voi", "val_voi_split", "val_voi_merge"):
-        ax2.plot(it, [float(r[key]) for r in rows], label=key.replace("val_", ""))
-    ax2.set_xlabel("iteration")
-    ax2.set_ylabel("validation VI (bits, best threshold)")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)

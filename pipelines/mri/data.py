@@ -18,6 +18,8 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    Randomizable,
+    Transform,
 )
 
 from psc.utils.errors import InputError
@@ -82,3 +84,37 @@ def training_transforms(patch_size: Sequence[int], samples: int, num_classes: in
         RandAdjustContrastd("image", prob=0.2, gamma=(0.8, 1.25)),
         RandGaussianNoised("image", prob=0.15, std=0.05),
     ])
+
+
+def _random_states(transform) -> list[np.random.RandomState]:
+    """Every RandomState that ``transform`` and the transforms inside it draw from
+    (a dictionary transform draws from its own and from its array transform's), once
+    each, in a fixed order: attribute order is construction order."""
+    states, seen = [], set()
+
+    def visit(obj) -> None:
+        if isinstance(obj, Randomizable) and id(obj.R) not in seen:
+            seen.add(id(obj.R))
+            states.append(obj.R)
+        for value in vars(obj).values():
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, (Transform, Randomizable)):
+                    visit(item)
+
+    visit(transform)
+    return states
+
+
+def sampler_state(transform) -> list:
+    """The random state of the patch sampler (``training_transforms``): saved in a
+    checkpoint so that a resumed run draws the very patches an uninterrupted one would."""
+    return [state.get_state() for state in _random_states(transform)]
+
+
+def set_sampler_state(transform, states: list) -> None:
+    """Put back what ``sampler_state`` returned (for the same transforms)."""
+    own = _random_states(transform)
+    if len(own) != len(states):
+        raise ValueError(f"sampler state for {len(states)} random transforms, this sampler has {len(own)}")
+    for state, saved in zip(own, states):
+        state.set_state(saved)

@@ -1,14 +1,12 @@
 """Patch-based training of an MRI tissue model, resumable, with a CSV log, a curve
-plot, best/last checkpoints, and an exported weights file with its model card."""
+plot, best/last checkpoints, and an exported weights file with its model card (the
+run-folder mechanics are the scaffold shared with EM, ``psc.pipelines.training``)."""
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,13 +18,14 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 from psc.models import build_model
-from psc.models.weights import ModelCard, load_weights, save_weights
+from psc.models.weights import ModelCard, load_weights
 
 from ..precision import autocast, resolve_precision
+from ..training import Panel, Run, SamplerHooks, warmup_cosine
 
 from . import config
 from .metrics import dice_per_class
-from .data import find_pairs, prepare_case, training_transforms
+from .data import find_pairs, prepare_case, sampler_state, set_sampler_state, training_transforms
 
 
 @dataclass
@@ -55,13 +54,6 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, or bf16 autocast (fast on CPUs with AVX512-BF16/AMX)
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def validate(model: torch.nn.Module, cases: list[dict], classes: int) -> dict[str, list[float]]:
     model.eval()
     inferer = SlidingWindowInferer(roi_size=config.INFERENCE_WINDOW, overlap=0.25, mode="gaussian", sw_batch_size=1)
@@ -76,31 +68,6 @@ def validate(model: torch.nn.Module, cases: list[dict], classes: int) -> dict[st
     return results
 
 
-def _plot(log_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(csv.DictReader(log_path.open()))
-    if not rows:
-        return
-    it = [int(r["iteration"]) for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(it, [float(r["train_loss"]) for r in rows], label="train loss (Dice+CE)")
-    ax1.set_xlabel("iteration")
-    ax1.legend()
-    for key in ("val_dice_csf", "val_dice_gm", "val_dice_wm", "val_dice_mean"):
-        ax2.plot(it, [float(r[key]) for r in rows], label=key.replace("val_dice_", ""))
-    ax2.set_xlabel("iteration")
-    ax2.set_ylabel("validation Dice")
-    ax2.set_ylim(0, 1)
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
 def _start_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Fine-tuning: take the weights of ``cfg.init`` (hash-checked by its card), which
     must describe the very network being trained."""
@@ -112,12 +79,15 @@ def _start_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     model.load_state_dict(init.state_dict())
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Train as ``cfg`` says in ``cfg.out``; ``resume`` continues exactly from its
+    ``last.pt``. ``stop_after``: stop after the checkpoint at that iteration, as if
+    killed (tests of resume); nothing is exported then."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    set_determinism(cfg.seed)
+    set_determinism(cfg.seed)  # seeds torch, random, numpy; a resume then restores their states
     random.seed(cfg.seed)
 
     pairs = find_pairs(cfg.data)
@@ -144,74 +114,46 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model = model.to(memory_format=torch.channels_last_3d)
     dtype = resolve_precision(cfg.precision, "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.iterations, cfg.warmup)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    step, best, elapsed_before = 0, -1.0, 0.0
-    log_path = out / "log.csv"
-    if resume and (out / "last.pt").is_file():
-        state = torch.load(out / "last.pt", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best = state["step"], state["best"]
-        elapsed_before = state.get("seconds", 0.0)  # the log's clock runs on across resumes
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
-        sampler.set_random_state(seed=cfg.seed + step)
-        print(f"resumed at iteration {step} (best mean Dice {best:.4f})", flush=True)
-    elif log_path.exists():
-        log_path.unlink()
+    hooks = SamplerHooks(state=lambda: sampler_state(sampler), restore=lambda s: set_sampler_state(sampler, s),
+                         reseed=lambda step: sampler.set_random_state(seed=cfg.seed + step))
+    dice = ("val_dice_csf", "val_dice_gm", "val_dice_wm", "val_dice_mean")
+    run = Run(out, model, optimizer, scheduler, hooks,
+              columns=["iteration", "train_loss", "lr", *dice, "seconds"],
+              panels=[Panel({"train_loss": "train loss (Dice+CE)"}),
+                      Panel({k: k.replace("val_dice_", "") for k in dice}, "validation Dice", (0, 1))],
+              higher_is_better=True, score_name="mean Dice")
+    run.start(resume)
 
-    fields = ["iteration", "train_loss", "lr", "val_dice_csf", "val_dice_gm", "val_dice_wm", "val_dice_mean", "seconds"]
-    if not log_path.exists():
-        with log_path.open("w", newline="") as handle:
-            csv.writer(handle).writerow(fields)
-
-    model.train()
-    losses: list[float] = []
-    started = time.time()
-    bar = tqdm(total=cfg.iterations, initial=step, desc=f"train {cfg.conv}", file=sys.stdout, mininterval=30)
-    while step < cfg.iterations:
+    def train_step() -> float:
         case = train_cases[random.randrange(len(train_cases))]
         patches = sampler({"image": case["image"], "label": case["label"]})
         image = torch.stack([p["image"].as_tensor() if hasattr(p["image"], "as_tensor") else p["image"] for p in patches])
         label = torch.stack([p["label"].as_tensor() if hasattr(p["label"], "as_tensor") else p["label"] for p in patches])
         image = image.float().contiguous(memory_format=torch.channels_last_3d)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg)
         optimizer.zero_grad(set_to_none=True)
         with autocast("cpu", dtype):
             logits = model(image)
         loss = loss_fn(logits.float(), label.long())
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-        step += 1
-        bar.update(1)
-        if step % cfg.val_every == 0 or step == cfg.iterations:
-            scores = validate(model, val_cases, classes)
-            per_class = np.nanmean(np.array(list(scores.values())), axis=0)
-            mean = float(np.mean(per_class))
-            row = [step, f"{np.mean(losses):.4f}", f"{_lr_at(step - 1, cfg):.2e}",
-                   *(f"{v:.4f}" for v in per_class), f"{mean:.4f}", f"{elapsed_before + time.time() - started:.0f}"]
-            with log_path.open("a", newline="") as handle:
-                csv.writer(handle).writerow(row)
-            losses = []
-            bar.write(f"iteration {step}: loss {row[1]} val Dice CSF/GM/WM {row[3]}/{row[4]}/{row[5]} mean {row[6]}")
-            if mean > best:
-                best = mean
-                torch.save(model.state_dict(), out / "best.pt")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
-                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                        "numpy_rng": np.random.get_state(),
-                        "seconds": elapsed_before + time.time() - started}, out / "last.pt.tmp")
-            (out / "last.pt.tmp").replace(out / "last.pt")
-            _plot(log_path, out / "curves.png")
-    bar.close()
+        return loss.item()
+
+    def validation(step: int) -> tuple[float, dict]:
+        scores = validate(model, val_cases, classes)
+        per_class = np.nanmean(np.array(list(scores.values())), axis=0)
+        mean = float(np.mean(per_class))
+        return mean, {**{k: f"{v:.4f}" for k, v in zip(dice[:3], per_class)}, "val_dice_mean": f"{mean:.4f}"}
+
+    model.train()
+    if not run.fit(cfg.iterations, cfg.val_every, train_step, validation, stop_after=stop_after,
+                   desc=f"train {cfg.conv}"):
+        return out
 
     if cfg.export:
-        model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
-        rows = list(csv.DictReader(log_path.open()))
+        rows = run.log.rows()
         best_row = max(rows, key=lambda r: float(r["val_dice_mean"]))
         card = ModelCard(
             backbone=cfg.backbone, conv=cfg.conv, options=cfg.options, in_channels=1, out_channels=classes,
@@ -229,6 +171,5 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                                                ("val_dice_csf", "val_dice_gm", "val_dice_wm", "val_dice_mean")},
                      "best_iteration": int(best_row["iteration"])},
         )
-        save_weights(model, card, cfg.export)
-        print(f"exported {cfg.export}", flush=True)
+        run.export(card, cfg.export)
     return out
