@@ -31,8 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     em.add_argument("--host", help="address workers connect to (default: detected; 127.0.0.1 keeps it local)")
     em.add_argument("--spool", action="store_true", help="start no workers: post them under OUT.zarr/.workers/ "
                     "for running 'psc-worker --serve OUT.zarr' processes (containers) to take")
-    em.add_argument("--stage", nargs="+", choices=("predict", "fragments", "edges", "merge", "relabel"),
-                    help="run only these stages (default: all, chained)")
+    from psc.pipelines.em.stages import STAGES
+
+    em.add_argument("--stage", nargs="+", choices=[stage.name for stage in STAGES],
+                    help="run only these stages, each on its own, in pipeline order (default: all, the chained "
+                    "ones as one daisy pipeline). " + "; ".join(f"{stage.name}: {stage.description}"
+                                                              for stage in STAGES).replace("%", "%%"))
 
 
 def default_output(raw: Path) -> Path:

@@ -52,18 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import daisy
 
-    from psc.pipelines.em.stages import STAGES, serve
+    from psc.pipelines.em.stages import serve, stage_named
 
     try:
         task_id = daisy.Context.from_env()["task_id"]
     except (KeyError, ValueError) as error:
         print(f"psc-worker: error: DAISY_CONTEXT is not a daisy context ({error})", file=sys.stderr)
         return 2
-    stage = STAGES.get(task_id)
-    if stage is None:
+    stage = stage_named(task_id)
+    if stage is None or not stage.blockwise:
         print(f"psc-worker: error: unknown task {task_id!r}", file=sys.stderr)
         return 2
-    serve(stage(args.out))  # connects to the scheduler
+    serve(stage.block_function(args.out))  # connects to the scheduler
     return 0
 
 

@@ -20,6 +20,7 @@ from funlib.geometry import Roi
 from psc.pipelines.em import layout
 from psc.pipelines.em.agglomerate import score_edges
 from psc.pipelines.em.evaluate import evaluate_run
+from psc.pipelines.em.fragments import fragment_block
 from psc.pipelines.em.graph import GraphStore, apply_lookup
 from psc.pipelines.em.merge import segments_at
 from psc.pipelines.em.metrics import evaluate
@@ -114,7 +115,7 @@ def test_serial_run_writes_consistent_arrays_and_graph(serial_run):
     labels = np.unique(segmentation)
     np.testing.assert_array_equal(labels, np.arange(1, len(labels) + 1))  # consecutive ids
     assert rows[0] == rows[1] > 0  # each edge stored once
-    assert all((u >> 32) == block for u, block in owners)  # by the block of its lower fragment
+    assert all(fragment_block(u) == block for u, block in owners)  # by the block of its lower fragment
     counts = [report["segments"][t] for t in sorted(report["segments"])]
     assert counts == sorted(counts, reverse=True)  # higher thresholds merge more
     # fragments never cross a block face: every fragment lives in one block

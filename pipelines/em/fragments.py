@@ -7,8 +7,9 @@ The block is computed with context and cropped to its write region, so neighbour
 blocks agree on how the data look near their shared face; the pieces of one neuron cut
 by the face are separate fragments joined later across the face.
 
-Ids are ``block_index << 32 | local_id`` (local ids from 1): unique without any
-coordination between workers, never 0, and below 2**63.
+Ids are ``block_index << ID_BITS | local_id`` (local ids from 1, ``ID_BITS`` = 32):
+unique without any coordination between workers, never 0, and below 2**63. The layout
+lives here only: :func:`globalise` makes ids, :func:`fragment_block` reads their block.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ def block_index(write_offset, block_shape, grid_shape) -> int:
     """Linear index of a block in the volume's block grid (C order)."""
     position = [int(o) // int(s) for o, s in zip(write_offset, block_shape)]
     return int(np.ravel_multi_index(position, [int(g) for g in grid_shape]))
+
+
+def fragment_block(ids):
+    """The block index of fragment ids: a Python int for one id (int or numpy scalar),
+    a uint64 array for an array of ids."""
+    if isinstance(ids, np.ndarray):
+        return ids >> np.uint64(ID_BITS)
+    return int(ids) >> ID_BITS
 
 
 def watershed_fragments(affinities: np.ndarray, threshold: float = 0.5, seed_radius: int = 2) -> np.ndarray:

@@ -1,8 +1,10 @@
-"""One EM run, end to end: predict -> fragments -> edges (daisy, blockwise), global merge,
-relabel (daisy, blockwise).
+"""One EM run, end to end: the stages declared in ``stages.STAGES``, in that order
+(predict -> fragments -> edges (daisy, blockwise), global merge, relabel (daisy, blockwise)).
 
-Each blockwise stage is a daisy task whose read ROI is its write ROI plus the context it
-needs; daisy orders blocks so that a block only starts once every upstream block its read
+This module runs stages and knows none of them by name: what a stage reads, writes,
+needs as context, chains with and forgets is its declaration's business. Each blockwise
+stage is a daisy task whose read ROI is its write ROI plus the context it needs; daisy
+orders blocks so that a block only starts once every upstream block its read
 ROI touches is done, runs them on ``workers`` processes, retries a failing block
 ``MAX_RETRIES`` times and keeps a done marker per block under ``.tracking/``: running the
 same command again after a crash only does what is left.
@@ -13,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -27,11 +28,11 @@ from funlib.geometry import Coordinate, Roi
 from psc.utils.errors import InputError
 from ..precision import check_precision
 from . import layout
-from .graph import GraphStore
-from .merge import write_lookup_tables
 from .spool import SpoolWorker, finish_run, start_run
-from .stages import EdgeStage, FragmentStage, PredictStage, RelabelStage, StageWorker
+from .stages import STAGE_NAMES, STAGES, BlockFunction, Stage, StageWorker
 from .volumes import create_volume, open_container, open_volume
+
+__all__ = ["STAGE_NAMES", "EMRunError", "StageReport", "check_spool", "prepare", "run"]
 
 MAX_RETRIES = 2
 BLOCK_TIMEOUT_S = 3600
@@ -95,14 +96,14 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
         settings.extra = dict(previous.get("extra") or {})
     chunks = block_size
     common = dict(voxel_size=source.voxel_size, offset=source.offset, chunks=chunks)
-    create_volume(group, layout.AFFINITIES, source.shape, "uint8", channels=3, **common)
-    create_volume(group, layout.FRAGMENTS, source.shape, "uint64", **common)
-    create_volume(group, layout.SEGMENTATION, source.shape, "uint64", **common)
+    for stage in STAGES:
+        for array in stage.creates:
+            create_volume(group, array.name, source.shape, array.dtype, channels=array.channels, **common)
     settings.save(out)
     return settings
 
 
-def _task(stage, task_id: str, out: str, shape: Coordinate, block: Coordinate, context: Coordinate,
+def _task(stage: Stage, out: str, shape: Coordinate, block: Coordinate, context: Coordinate,
           workers: int, worker_command: str | None, spool: bool = False) -> daisy.Task:
     if spool:
         function = SpoolWorker(out)
@@ -111,9 +112,9 @@ def _task(stage, task_id: str, out: str, shape: Coordinate, block: Coordinate, c
     elif workers > 0:
         function = StageWorker(stage, out)
     else:  # serial, in this process
-        function = stage(out)
+        function = stage.block_function(out)
     return daisy.Task(
-        task_id,
+        stage.name,
         total_roi=Roi((0, 0, 0), shape).grow(context, context),
         read_roi=Roi((0, 0, 0), block + context * 2),
         write_roi=Roi(context, block),
@@ -123,7 +124,7 @@ def _task(stage, task_id: str, out: str, shape: Coordinate, block: Coordinate, c
         max_workers=max(1, workers),
         max_retries=MAX_RETRIES,
         timeout=BLOCK_TIMEOUT_S,
-        tracking_path=str(layout.tracking_path(out, task_id)),
+        tracking_path=str(layout.tracking_path(out, stage.name)),
     )
 
 
@@ -182,9 +183,6 @@ def _run_pipeline(pipeline, tasks, workers: int, progress: bool, host: str | Non
     return reports
 
 
-STAGE_NAMES = ("predict", "fragments", "edges", "merge", "relabel")
-
-
 def check_spool(spool: bool, workers: int, worker_command: str | None) -> None:
     """Spooled workers are posted for ``psc-worker --serve`` processes: there must be at
     least one, and no command of their own (checked by the command line before it
@@ -195,13 +193,14 @@ def check_spool(spool: bool, workers: int, worker_command: str | None) -> None:
 
 def run(out: str | Path, workers: int = 1, worker_command: str | None = None, host: str | None = None,
         progress: bool = True, stages: tuple[str, ...] = STAGE_NAMES, spool: bool = False) -> dict:
-    """Run (or resume) the stages of the run prepared in ``out``.
+    """Run (or resume) the stages of the run prepared in ``out``, in the order of
+    ``stages.STAGES`` whatever the order of ``stages``.
 
-    All stages: predict -> fragments -> edges as one daisy pipeline with block
-    dependencies (a fragments block starts as soon as the predict blocks under its read
-    ROI are done), then the global merge, then relabel. A subset runs each named stage
-    on its own, in order (what ``--stage`` and the benchmark use); it is the caller's
-    business that the stages before it are done.
+    All stages: predict -> fragments -> edges (each ``chains_after`` the one before) as
+    one daisy pipeline with block dependencies (a fragments block starts as soon as the
+    predict blocks under its read ROI are done), then the global merge, then relabel. A
+    subset runs each named stage on its own, in order (what ``--stage`` and the
+    benchmark use); it is the caller's business that the stages before it are done.
 
     ``spool``: start no workers; post each one under ``out/.workers/`` for the
     ``psc-worker --serve`` processes already running (``spool.py``), and tell them when
@@ -224,53 +223,53 @@ def run(out: str | Path, workers: int = 1, worker_command: str | None = None, ho
         finish_run(out, run_id, ok)
 
 
+def _groups(stages: tuple[str, ...]) -> list[list[Stage]]:
+    """The chosen stages in table order, as the groups that run together: when every
+    stage runs, a stage that ``chains_after`` the one before joins its daisy pipeline
+    (predict -> fragments -> edges); a subset runs each stage on its own."""
+    chosen = [stage for stage in STAGES if stage.name in stages]
+    chain = tuple(stages) == STAGE_NAMES
+    groups: list[list[Stage]] = []
+    for stage in chosen:
+        if chain and groups and stage.chains_after is not None and groups[-1][-1].name == stage.chains_after:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
 def _run(out: str, workers: int, worker_command: str | None, host: str | None, progress: bool,
          stages: tuple[str, ...], spool: bool) -> dict:
     settings = layout.RunSettings.load(out)
     shape = Coordinate(open_volume(out, layout.FRAGMENTS).shape)
-    block, context = Coordinate(settings.block_size), Coordinate(settings.context)
-    none = Coordinate((0, 0, 0))
+    block = Coordinate(settings.block_size)
     daisy.logging.set_log_basedir(Path(out) / ".logs")
     logging.getLogger("daisy").setLevel(logging.WARNING)
     log = Path(out) / ".logs" / "scheduler.log"
-    tasks = {
-        "predict": _task(PredictStage, "predict", out, shape, block, none, workers, worker_command, spool),
-        "fragments": _task(FragmentStage, "fragments", out, shape, block, context, workers, worker_command, spool),
-        "edges": _task(EdgeStage, "edges", out, shape, block, context, workers, worker_command, spool),
-    }
-    reports, counts, seconds = [], {}, {}
-
-    def blockwise(names: list[str]) -> None:
+    result: dict = {"stages": [], "segments": {}, "seconds": {}}
+    for group in _groups(tuple(stages)):
         started = time.perf_counter()
-        chosen = [tasks[name] for name in names]
-        pipeline = daisy.Pipeline.from_task(chosen[0])
-        for task in chosen[1:]:
+        if not group[0].blockwise:
+            (stage,) = group
+            stage.drop_artifacts(out, settings)
+            result.update(stage.run(out, settings))
+            stage.finished(out, settings)
+            result["seconds"][stage.name] = time.perf_counter() - started
+            continue
+        for stage in group:
+            stage.drop_artifacts(out, settings)
+        tasks = [_task(stage, out, shape, block, stage.context(settings), workers, worker_command, spool)
+                 for stage in group]
+        pipeline = daisy.Pipeline.from_task(tasks[0])
+        for task in tasks[1:]:
             pipeline = pipeline + task
-        reports.extend(_run_pipeline(pipeline, chosen, workers, progress, host, log))
-        seconds["+".join(names)] = time.perf_counter() - started
-
-    chained = [name for name in ("predict", "fragments", "edges") if name in stages]
-    if tuple(stages) == STAGE_NAMES:
-        blockwise(chained)
-    else:
-        for name in chained:
-            blockwise([name])
-    if "merge" in stages:
-        started = time.perf_counter()
-        graph = GraphStore(layout.graph_path(out))
-        counts = write_lookup_tables(graph, settings.thresholds)
-        graph.close()
-        seconds["merge"] = time.perf_counter() - started
-    if "relabel" in stages:
-        _forget_relabel_if_threshold_changed(out, settings)
-        tasks["relabel"] = _task(RelabelStage, "relabel", out, shape, block, none, workers, worker_command, spool)
-        blockwise(["relabel"])
-        settings.extra["relabelled_at"] = settings.threshold
-        settings.save(out)
-    return {"stages": reports, "segments": counts, "seconds": seconds}
-
-
-def _forget_relabel_if_threshold_changed(out: str, settings: layout.RunSettings) -> None:
-    """The relabel done markers belong to one threshold; a new threshold redoes every block."""
-    if settings.extra.get("relabelled_at", settings.threshold) != settings.threshold:
-        shutil.rmtree(layout.tracking_path(out, "relabel"), ignore_errors=True)
+        try:
+            result["stages"].extend(_run_pipeline(pipeline, tasks, workers, progress, host, log))
+        finally:
+            for task in tasks:  # serial runs: close what the in-process block functions opened
+                if isinstance(task.process_function, BlockFunction):
+                    task.process_function.close()
+        for stage in group:
+            stage.finished(out, settings)
+        result["seconds"]["+".join(stage.name for stage in group)] = time.perf_counter() - started
+    return result

@@ -1,26 +1,47 @@
-"""The blockwise stages as picklable block functions.
+"""The stages of an EM run, each declared once, and the one ordered table of them.
 
-daisy ships a block function to each worker process once and calls it per block, so the
-expensive state (the network, open arrays, the database connection, the lookup table)
-is built on the first call inside the worker and kept: a model is loaded once per worker,
-not once per block. Every stage reads its *read* region and writes only its *write*
-region (daisy's contract), and a block that is run twice writes the same result.
+A stage declares (after funkelab/volara's ``BlockwiseTask``):
+
+- ``name`` (its daisy task id and ``--stage`` choice) and ``description`` (one line,
+  for ``psc-segment --help`` and the stage table in docs/em.md);
+- ``blockwise``: a daisy task over the block grid, or one call on the whole run;
+- ``with_context``: whether its read region reaches the run's ``context`` past its write
+  region on each side (``context(settings)`` gives the voxels; none otherwise);
+- ``creates``: the arrays it writes, which :func:`psc.pipelines.em.run.prepare` creates;
+- ``chains_after``: the stage whose blocks its blocks wait for when every stage runs
+  (predict -> fragments -> edges is one daisy pipeline with block dependencies);
+- ``open_worker(worker)``: a context manager that opens what one worker needs once (the
+  network, the arrays, the graph connection, the lookup table) and yields the per-block
+  function ``process(read_roi, write_roi)``;
+- ``drop_artifacts(out, settings)``: what to forget before it runs because its inputs
+  changed, and ``finished(out, settings)``: what to record once all its blocks are done;
+- ``run(out, settings)`` (non-blockwise stages): the stage itself.
+
+:data:`STAGES` lists them in run order; ``STAGE_NAMES``, the run loop, the ``--stage``
+choices, the napari widget and ``psc-worker`` all come from it, so a new stage is one
+class here plus one entry in the table.
+
+daisy ships a block function to each worker process once and calls it per block:
+:class:`BlockFunction` pickles as the stage and the output path only and enters the
+stage's ``open_worker`` on the first block inside the worker, so a model is loaded once
+per worker, not once per block. Every stage reads its *read* region and writes only its
+*write* region (daisy's contract), and a block that is run twice writes the same result.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ClassVar, Iterator
 
-import torch
 from funlib.geometry import Coordinate, Roi
 
 from . import layout
-from .affinities import from_uint8, to_uint8
-from .agglomerate import score_edges
-from .fragments import block_index, globalise, watershed_fragments
-from .graph import GraphStore, apply_lookup
-from .volumes import open_volume
+
+BlockProcess = Callable[[Roi, Roi], None]  # process(read_roi, write_roi), read_roi clipped to the volume
 
 
 def worker_id() -> int:
@@ -32,116 +53,294 @@ def worker_id() -> int:
     return int(daisy.Context.from_env()["worker_id"])
 
 
-class Stage:
-    """Base of the block functions: settings by output path, state built lazily."""
+@dataclass(frozen=True)
+class Array:
+    """An array a stage writes into OUT.zarr (``channels`` 0: a plain (z, y, x) array)."""
 
-    name = ""
+    name: str
+    dtype: str
+    channels: int = 0
 
-    def __init__(self, out: str | Path) -> None:
-        self.out = str(out)
-        self._ready = False
 
-    def __getstate__(self):
-        return {"out": self.out, "_ready": False}
+@dataclass(frozen=True)
+class Worker:
+    """What every stage's worker knows: the run, its settings, and the block grid."""
 
-    def _setup(self) -> None:
-        self.settings = layout.RunSettings.load(self.out)
-        torch.set_num_threads(max(1, self.settings.threads_per_worker))
-        volume = open_volume(self.out, layout.FRAGMENTS, mode="r+")
-        self.volume_roi = volume.roi
-        self.block_shape = Coordinate(self.settings.block_size)
-        self.grid_shape = [-(-s // b) for s, b in zip(volume.shape, self.block_shape)]
+    out: str
+    settings: layout.RunSettings
+    volume_roi: Roi
+    block_shape: Coordinate
+    grid_shape: tuple[int, ...]
+
+    @classmethod
+    def open(cls, out: str) -> "Worker":
+        import torch
+
+        from .volumes import open_volume
+
+        settings = layout.RunSettings.load(out)
+        torch.set_num_threads(max(1, settings.threads_per_worker))
+        volume = open_volume(out, layout.FRAGMENTS)
+        block_shape = Coordinate(settings.block_size)
+        grid_shape = tuple(-(-s // b) for s, b in zip(volume.shape, block_shape))
+        return cls(out, settings, volume.roi, block_shape, grid_shape)
 
     def block_index(self, roi: Roi) -> int:
+        """The linear index of the block whose write region starts at ``roi``'s offset."""
+        from .fragments import block_index
+
         return block_index(roi.offset, self.block_shape, self.grid_shape)
 
-    def __call__(self, block) -> None:
-        if not self._ready:
-            self._setup()
-            self._ready = True
-        self.process(block.read_roi.intersect(self.volume_roi), block.write_roi)
 
-    def process(self, read_roi: Roi, write_roi: Roi) -> None:
-        raise NotImplementedError
+class Stage:
+    """The declaration every stage fills in (see the module's docstring)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    blockwise: ClassVar[bool] = True
+    creates: ClassVar[tuple[Array, ...]] = ()
+    with_context: ClassVar[bool] = False
+    chains_after: ClassVar[str | None] = None
+
+    def context(self, settings: layout.RunSettings) -> Coordinate:
+        return Coordinate(settings.context if self.with_context else (0, 0, 0))
+
+    @contextmanager
+    def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
+        raise NotImplementedError(f"{self.name} is not a blockwise stage")
+        yield  # pragma: no cover
+
+    def drop_artifacts(self, out: str, settings: layout.RunSettings) -> None:
+        """Forget what is stale before the stage runs (default: nothing)."""
+
+    def finished(self, out: str, settings: layout.RunSettings) -> None:
+        """Record what the next run needs once every block is done (default: nothing)."""
+
+    def run(self, out: str, settings: layout.RunSettings) -> dict:
+        """A non-blockwise stage's work; returns entries for :func:`run`'s result."""
+        raise NotImplementedError(f"{self.name} is a blockwise stage")
+
+    def block_function(self, out: str | Path) -> "BlockFunction":
+        return BlockFunction(self, out)
+
+    def __repr__(self) -> str:
+        return f"<stage {self.name}>"
 
 
-class PredictStage(Stage):
+class Predict(Stage):
     name = "predict"
+    description = "affinities from the U-Net, block by block, the model loaded once per worker"
+    creates = (Array(layout.AFFINITIES, "uint8", channels=3),)
 
-    def _setup(self) -> None:
-        super()._setup()
+    @contextmanager
+    def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
+        import torch
+
+        from .affinities import to_uint8
         from .predict import AffinityPredictor
+        from .volumes import open_volume
 
-        device = self.settings.device
+        settings = worker.settings
+        device = settings.device
         if device == "auto":  # left to the worker (remote workers): its own GPU if it has one
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and ":" not in device and torch.cuda.is_available():
             device = f"cuda:{worker_id() % torch.cuda.device_count()}"  # one GPU per worker
-        self.predictor = AffinityPredictor(self.settings.weights, device=device,
-                                           precision=self.settings.precision)
-        self.raw = open_volume(self.settings.raw, self.settings.raw_name)
-        self.affinities = open_volume(self.out, layout.AFFINITIES, mode="r+")
+        predictor = AffinityPredictor(settings.weights, device=device, precision=settings.precision)
+        raw = open_volume(settings.raw, settings.raw_name)
+        affinities = open_volume(worker.out, layout.AFFINITIES, mode="r+")
 
-    def process(self, read_roi: Roi, write_roi: Roi) -> None:
-        self.affinities.write(write_roi, to_uint8(self.predictor.predict(self.raw, write_roi)))
+        def process(read_roi: Roi, write_roi: Roi) -> None:
+            affinities.write(write_roi, to_uint8(predictor.predict(raw, write_roi)))
+
+        yield process
 
 
-class FragmentStage(Stage):
+class Fragments(Stage):
     name = "fragments"
+    description = "seeded watershed of the affinities with context, ids unique across the volume"
+    creates = (Array(layout.FRAGMENTS, "uint64"),)
+    with_context = True
+    chains_after = "predict"
 
-    def _setup(self) -> None:
-        super()._setup()
-        self.affinities = open_volume(self.out, layout.AFFINITIES)
-        self.fragments = open_volume(self.out, layout.FRAGMENTS, mode="r+")
-        self.graph = GraphStore(layout.graph_path(self.out))
+    @contextmanager
+    def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
+        from .affinities import from_uint8
+        from .fragments import globalise, watershed_fragments
+        from .graph import GraphStore
+        from .volumes import open_volume
 
-    def process(self, read_roi: Roi, write_roi: Roi) -> None:
-        affinities = from_uint8(self.affinities.read(read_roi))
-        fragments = watershed_fragments(affinities, self.settings.fragment_threshold)
-        crop = (write_roi - read_roi.offset).to_slices()
-        index = self.block_index(write_roi)
-        labelled, ids, sizes = globalise(fragments[crop], index)
-        self.fragments.write(write_roi, labelled)
-        self.graph.write_fragments(index, ids, sizes)
+        affinities = open_volume(worker.out, layout.AFFINITIES)
+        fragments = open_volume(worker.out, layout.FRAGMENTS, mode="r+")
+        graph = GraphStore(layout.graph_path(worker.out))
+        threshold = worker.settings.fragment_threshold
+
+        def process(read_roi: Roi, write_roi: Roi) -> None:
+            found = watershed_fragments(from_uint8(affinities.read(read_roi)), threshold)
+            crop = (write_roi - read_roi.offset).to_slices()
+            index = worker.block_index(write_roi)
+            labelled, ids, sizes = globalise(found[crop], index)
+            fragments.write(write_roi, labelled)
+            graph.write_fragments(index, ids, sizes)
+
+        try:
+            yield process
+        finally:
+            graph.close()
 
 
-class EdgeStage(Stage):
+class Edges(Stage):
     name = "edges"
+    description = "waterz merge score of every edge between fragments, with context"
+    with_context = True
+    chains_after = "fragments"
 
-    def _setup(self) -> None:
-        super()._setup()
-        self.affinities = open_volume(self.out, layout.AFFINITIES)
-        self.fragments = open_volume(self.out, layout.FRAGMENTS)
-        self.graph = GraphStore(layout.graph_path(self.out))
+    @contextmanager
+    def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
+        from .affinities import from_uint8
+        from .agglomerate import score_edges
+        from .fragments import fragment_block
+        from .graph import GraphStore
+        from .volumes import open_volume
 
-    def process(self, read_roi: Roi, write_roi: Roi) -> None:
-        index = self.block_index(write_roi)
-        fragments = self.fragments.read(read_roi)
-        affinities = from_uint8(self.affinities.read(read_roi))
-        owned = [e for e in score_edges(affinities, fragments) if (e[0] >> 32) == index]
-        self.graph.write_edges(index, owned)
+        affinities = open_volume(worker.out, layout.AFFINITIES)
+        fragments = open_volume(worker.out, layout.FRAGMENTS)
+        graph = GraphStore(layout.graph_path(worker.out))
+
+        def process(read_roi: Roi, write_roi: Roi) -> None:
+            index = worker.block_index(write_roi)
+            scored = score_edges(from_uint8(affinities.read(read_roi)), fragments.read(read_roi))
+            graph.write_edges(index, [e for e in scored if fragment_block(e[0]) == index])  # its lower fragment's
+
+        try:
+            yield process
+        finally:
+            graph.close()
 
 
-class RelabelStage(Stage):
+class Merge(Stage):
+    name = "merge"
+    description = "a fragment -> segment lookup table per threshold, from the whole graph"
+    blockwise = False
+
+    def run(self, out: str, settings: layout.RunSettings) -> dict:
+        from .graph import GraphStore
+        from .merge import write_lookup_tables
+
+        graph = GraphStore(layout.graph_path(out))
+        try:
+            return {"segments": write_lookup_tables(graph, settings.thresholds)}
+        finally:
+            graph.close()
+
+
+class Relabel(Stage):
     name = "relabel"
+    description = "segmentation = lookup[fragments] at --threshold, block by block"
+    creates = (Array(layout.SEGMENTATION, "uint64"),)
 
-    def _setup(self) -> None:
-        super()._setup()
-        self.fragments = open_volume(self.out, layout.FRAGMENTS)
-        self.segmentation = open_volume(self.out, layout.SEGMENTATION, mode="r+")
-        graph = GraphStore(layout.graph_path(self.out))
-        self.ids, self.segments = graph.lookup(self.settings.threshold)
-        graph.close()
+    @contextmanager
+    def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
+        from .graph import GraphStore, apply_lookup
+        from .volumes import open_volume
 
-    def process(self, read_roi: Roi, write_roi: Roi) -> None:
-        fragments = self.fragments.read(write_roi)
-        self.segmentation.write(write_roi, apply_lookup(fragments, self.ids, self.segments))
+        fragments = open_volume(worker.out, layout.FRAGMENTS)
+        segmentation = open_volume(worker.out, layout.SEGMENTATION, mode="r+")
+        graph = GraphStore(layout.graph_path(worker.out))
+        try:
+            ids, segments = graph.lookup(worker.settings.threshold)
+        finally:
+            graph.close()
+
+        def process(read_roi: Roi, write_roi: Roi) -> None:
+            segmentation.write(write_roi, apply_lookup(fragments.read(write_roi), ids, segments))
+
+        yield process
+
+    def drop_artifacts(self, out: str, settings: layout.RunSettings) -> None:
+        """The done markers belong to one threshold; a new threshold redoes every block."""
+        if settings.extra.get("relabelled_at", settings.threshold) != settings.threshold:
+            shutil.rmtree(layout.tracking_path(out, self.name), ignore_errors=True)
+
+    def finished(self, out: str, settings: layout.RunSettings) -> None:
+        settings.extra["relabelled_at"] = settings.threshold
+        settings.save(out)
 
 
-STAGES = {stage.name: stage for stage in (PredictStage, FragmentStage, EdgeStage, RelabelStage)}
+STAGES: tuple[Stage, ...] = (Predict(), Fragments(), Edges(), Merge(), Relabel())
+STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 
 
-def serve(function: Stage) -> None:
+def stage_named(name: str) -> Stage | None:
+    """The declared stage called ``name`` (a daisy task id), or None."""
+    return next((stage for stage in STAGES if stage.name == name), None)
+
+
+def stage_table() -> str:
+    """The stage table of docs/em.md, from the declarations (a test keeps the doc in step)."""
+    rows = ["| stage | kind | context | creates | what |", "|---|---|---|---|---|"]
+    for stage in STAGES:
+        kind = "blockwise" if stage.blockwise else "global"
+        context = "the run's `context`" if stage.with_context else "none"
+        creates = ", ".join(f"`{array.name}`" for array in stage.creates) or "-"
+        after = f" (chained after {stage.chains_after})" if stage.chains_after else ""
+        rows.append(f"| `{stage.name}` | {kind}{after} | {context} | {creates} | {stage.description} |")
+    return "\n".join(rows)
+
+
+def check_declarations(stages: tuple[Stage, ...] = STAGES) -> None:
+    """Names unique and described; a chained stage is blockwise and follows the stage it
+    chains after; a blockwise stage has an ``open_worker``, a global one a ``run``."""
+    names = [stage.name for stage in stages]
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"stage names must be unique and not empty: {names}")
+    for index, stage in enumerate(stages):
+        if not stage.description or any(c in stage.description for c in "\n;|"):
+            raise ValueError(f"{stage.name}: needs a one-line description (no ';' or '|': lists and tables)")
+        kind = "open_worker" if stage.blockwise else "run"
+        if getattr(type(stage), kind) is getattr(Stage, kind):
+            raise ValueError(f"{stage.name}: a {'blockwise' if stage.blockwise else 'global'} stage declares {kind}")
+        if stage.chains_after is not None:
+            before = stages[index - 1] if index else None
+            if not (stage.blockwise and before is not None and before.blockwise and before.name == stage.chains_after):
+                raise ValueError(f"{stage.name}: chains after {stage.chains_after!r}, which must be the blockwise "
+                                 "stage just before it")
+
+
+check_declarations()
+
+
+class BlockFunction:
+    """The block function daisy calls, picklable: it carries the stage and the output path
+    only, and builds the worker's state (the stage's ``open_worker``) on the first block
+    inside the worker. A setup that fails fails that block, and the next block tries again.
+    """
+
+    def __init__(self, stage: Stage, out: str | Path) -> None:
+        self.stage, self.out = stage, str(out)
+        self._stack: ExitStack | None = None
+        self._process: BlockProcess | None = None
+        self._volume_roi: Roi | None = None
+
+    def __getstate__(self):
+        return {"stage": self.stage, "out": self.out, "_stack": None, "_process": None, "_volume_roi": None}
+
+    def __call__(self, block) -> None:
+        if self._process is None:
+            with ExitStack() as stack:
+                worker = Worker.open(self.out)
+                process = stack.enter_context(self.stage.open_worker(worker))
+                self._stack, self._process, self._volume_roi = stack.pop_all(), process, worker.volume_roi
+        self._process(block.read_roi.intersect(self._volume_roi), block.write_roi)
+
+    def close(self) -> None:
+        """Close what the worker opened (the graph connection); the next block reopens."""
+        stack, self._stack, self._process = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+
+def serve(function: BlockFunction) -> None:
     """Take blocks from the scheduler until none are left.
 
     A block that raises is reported to daisy as failed (daisy's ``acquire_block``
@@ -154,24 +353,27 @@ def serve(function: Stage) -> None:
     import daisy
 
     client = daisy.Client()
-    while True:
-        try:
-            with client.acquire_block() as block:
-                if block is None:
-                    return
-                function(block)
-        except Exception as error:  # already reported to the scheduler by acquire_block
-            logging.getLogger(__name__).warning("block failed: %s", error)
+    try:
+        while True:
+            try:
+                with client.acquire_block() as block:
+                    if block is None:
+                        return
+                    function(block)
+            except Exception as error:  # already reported to the scheduler by acquire_block
+                logging.getLogger(__name__).warning("block failed: %s", error)
+    finally:
+        function.close()
 
 
 class StageWorker:
     """A daisy worker function (one per worker process) serving one stage's blocks."""
 
-    def __init__(self, stage: type[Stage], out: str) -> None:
+    def __init__(self, stage: Stage, out: str) -> None:
         self.stage, self.out = stage, out
 
     def __call__(self) -> None:
         from ..allocator import keep_freed_memory
 
         keep_freed_memory()  # a process that only serves blocks: keep its pages for the next one
-        serve(self.stage(self.out))
+        serve(self.stage.block_function(self.out))

@@ -88,7 +88,8 @@ def segment_em(raw: str | None, out: str | Path | None, weights: str | Path, dev
                progress: Progress | None = None) -> Path:
     """Run the EM pipeline; returns the run's ``OUT.zarr``. ``raw`` is a zarr array path
     (``RAW.zarr/raw``); without it ``data`` is copied to a temporary container first."""
-    from psc.pipelines.em.run import STAGE_NAMES, prepare, run
+    from psc.pipelines.em.run import prepare, run
+    from psc.pipelines.em.stages import STAGES
     from psc.utils.errors import InputError
     from psc.pipelines.mri.inference import resolve_device
 
@@ -108,10 +109,10 @@ def segment_em(raw: str | None, out: str | Path | None, weights: str | Path, dev
     if overwrite and out.exists():
         shutil.rmtree(out)
     prepare(str(raw), out, weights, block_size=block_size, threshold=threshold, device=device, workers=1)
-    for done, stage in enumerate(STAGE_NAMES, 1):
+    for done, stage in enumerate(STAGES, 1):
         if progress:
-            progress(done - 1, len(STAGE_NAMES), stage)
-        run(out, workers=0, progress=False, stages=(stage,))
+            progress(done - 1, len(STAGES), stage.name)
+        run(out, workers=0, progress=False, stages=(stage.name,))
     if progress:
-        progress(len(STAGE_NAMES), len(STAGE_NAMES), "done")
+        progress(len(STAGES), len(STAGES), "done")
     return out
