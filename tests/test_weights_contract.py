@@ -155,3 +155,29 @@ def test_training_validation_runs_the_live_network_through_the_inference_code(tm
     with torch.no_grad():
         model.head.bias.add_(3.0)
     assert not np.allclose(live.predict(raw, roi), AffinityPredictor(weights).predict(raw, roi), atol=1e-3)
+
+
+def test_an_em_run_verifies_its_weights_before_writing_anything(tmp_path):
+    from psc.pipelines.em.run import prepare
+
+    weights = tiny_weights(tmp_path)
+    raw_path, _, _ = synthetic_raw(tmp_path)
+    out = tmp_path / "out.zarr"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # a truncated download
+    with pytest.raises(WeightsError, match="sha256"):
+        prepare(f"{raw_path}/raw", out, weights, block_size=(16, 16, 16))
+    assert not out.exists()
+    with pytest.raises(WeightsError, match="not an em-affinity"):
+        prepare(f"{raw_path}/raw", out, save_tiny_model(tmp_path / "mri.pt"), block_size=(16, 16, 16))
+    assert not out.exists()
+    weights.write_bytes(good)
+    settings = prepare(f"{raw_path}/raw", out, weights, block_size=(16, 16, 16))
+    assert settings.weights_sha256 == read_card(weights).sha256
+    # the same path with other weights (retrained in place) is not a resume of this run
+    (tmp_path / "other").mkdir()
+    other = tiny_weights(tmp_path / "other", seed=5)
+    weights.write_bytes(other.read_bytes())
+    card_path(weights).write_text(card_path(other).read_text())
+    with pytest.raises(InputError, match="other content"):
+        prepare(f"{raw_path}/raw", out, weights, block_size=(16, 16, 16))

@@ -32,6 +32,7 @@ class RunSettings:
     device: str = "cpu"
     precision: str = "fp32"  # resolved by each worker on its own device (psc.pipelines.precision)
     threads_per_worker: int = 1
+    weights_sha256: str = ""  # of the weights file when the run was prepared ("" for older runs)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -45,6 +46,15 @@ class RunSettings:
 
     def save(self, out: str | Path) -> None:
         zarr.open_group(str(out), mode="a").attrs["psc"] = asdict(self)
+
+
+def default_output(raw: str | Path) -> Path:
+    """Where a run of ``raw`` goes unless told: ``fib.zarr`` or ``fib.zarr/raw`` ->
+    ``fib_psc.zarr`` beside the container, never inside it (psc-segment, psc-view and
+    the napari plugin all name runs so)."""
+    raw = Path(raw)
+    container = next((p for p in (raw, *raw.parents) if p.name.endswith(".zarr")), raw)
+    return container.with_name(container.name.removesuffix(".zarr") + "_psc.zarr")
 
 
 def graph_path(out: str | Path) -> Path:

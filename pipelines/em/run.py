@@ -25,7 +25,9 @@ from pathlib import Path
 import daisy
 from funlib.geometry import Coordinate, Roi
 
+from psc.models.weights import EM_AFFINITY, read_card
 from psc.utils.errors import InputError
+
 from ..precision import check_precision
 from . import layout
 from .spool import SpoolWorker, finish_run, start_run
@@ -71,7 +73,10 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
 
     ``precision`` (``psc.pipelines.precision``) is resolved by each worker on its own
     device. In fp32 a blockwise run equals a whole-volume run to float rounding; in
-    bf16/fp16 to that precision's rounding."""
+    bf16/fp16 to that precision's rounding. The weights are verified here, once, before
+    any array is written (file, sha256 against the card, an EM affinity model): a corrupt
+    or wrong file is one clear error, not a failure in every worker's first block."""
+    card = read_card(weights, EM_AFFINITY)
     source = open_volume(raw, raw_name)
     if source.channels:
         raise InputError(f"{raw}: raw must be a single-channel 3-D volume, got shape {source.array.shape}")
@@ -83,6 +88,7 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
         raw=str(Path(raw).resolve()), raw_name=raw_name, weights=str(Path(weights).resolve()),
         block_size=block_size, thresholds=thresholds, threshold=float(threshold), device=device,
         precision=check_precision(precision), threads_per_worker=max(1, (os.cpu_count() or 1) // max(1, workers)),
+        weights_sha256=card.sha256,
     )
     group = open_container(out, mode="a")
     previous = group.attrs.get("psc")
@@ -91,6 +97,8 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
         now = asdict(settings)
         normal = lambda value: list(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
         changed = [k for k in fixed if normal(previous.get(k)) != normal(now[k])]
+        if previous.get("weights_sha256") and previous["weights_sha256"] != settings.weights_sha256:
+            changed.append("weights (same path, other content)")  # runs before the field have no hash
         if changed:
             raise InputError(f"{out} holds a run with other {', '.join(changed)}: use a new output or --force")
         settings.extra = dict(previous.get("extra") or {})
