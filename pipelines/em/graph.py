@@ -4,7 +4,8 @@ tables, in SQLite (WAL mode, so many workers write while others read).
 The schema is plain SQL (``BIGINT``, ``DOUBLE PRECISION``, ``ON CONFLICT``) that
 PostgreSQL accepts as it is; on a cluster, the same statements run through a PostgreSQL
 driver with ``%s`` placeholders (``paramstyle``). Fragment ids are uint64 in the arrays
-and below 2**63 by construction (block index << 32 | local id), so they fit ``BIGINT``.
+and below 2**63 by construction (the block index in the high bits, see
+``fragments.globalise``), so they fit ``BIGINT``.
 
 Each edge is written by exactly one block, the one that created its lower fragment, so
 a block that is re-run after a crash replaces its own rows and nobody else's.
