@@ -149,7 +149,7 @@ def test_training_validation_runs_the_live_network_through_the_inference_code(tm
     raw_path, _, _ = synthetic_raw(tmp_path)
     raw = open_volume(raw_path, "raw")
     roi = Roi(raw.roi.offset, (16, 16, 16))
-    live = AffinityPredictor.from_model(model.eval())
+    live = AffinityPredictor.from_model(model.eval(), card.normalisation)
     assert live.model is model  # not a copy: validation sees the weights as they are now
     np.testing.assert_allclose(live.predict(raw, roi), AffinityPredictor(weights).predict(raw, roi), atol=1e-5)
     with torch.no_grad():

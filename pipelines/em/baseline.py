@@ -9,7 +9,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from .predict import normalise_raw
+from .normalise import divide_by_dtype_max
 
 
 def baseline_segmentation(raw: np.ndarray, sigma: float = 1.0, seed_quantile: float = 0.9,
@@ -19,7 +19,7 @@ def baseline_segmentation(raw: np.ndarray, sigma: float = 1.0, seed_quantile: fl
     The defaults are the best of a small grid (sigma 1-3, seed quantile 0.5-0.95, seed
     distance 8-24) on each FIB-25 crop itself, so the baseline is, if anything, flattered:
     VI 1.57 (split 0.75, merge 0.82) on the training crop, 2.18 on the other one."""
-    smooth = ndimage.gaussian_filter(normalise_raw(raw), sigma)
+    smooth = ndimage.gaussian_filter(divide_by_dtype_max(raw), sigma)
     bright = smooth > np.quantile(smooth, seed_quantile)
     peaks = (smooth == ndimage.maximum_filter(smooth, size=2 * min_distance + 1)) & bright
     seeds, _ = ndimage.label(peaks)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from psc.models.weights import ModelCard, WeightsError
+from psc.models.weights import WeightsError
 
 
 def divide_by_dtype_max(raw: np.ndarray) -> np.ndarray:
@@ -29,10 +29,10 @@ NORMALISATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 DEFAULT_NORMALISATION = "divide-by-dtype-max"
 
 
-def normaliser(card: ModelCard) -> Callable[[np.ndarray], np.ndarray]:
-    """The input transform ``card`` was trained with."""
+def normaliser(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The input transform named ``name`` (a card's ``normalisation``)."""
     try:
-        return NORMALISATIONS[card.normalisation]
+        return NORMALISATIONS[name]
     except KeyError:
-        raise WeightsError(f"the model card names the EM normalisation {card.normalisation!r}, which this "
+        raise WeightsError(f"the model card names the EM normalisation {name!r}, which this "
                            f"version of psc does not know ({', '.join(NORMALISATIONS)})") from None

@@ -20,11 +20,8 @@ from psc.models.weights import EM_AFFINITY
 from psc.utils.errors import InputError
 
 from ..inference import InferenceNetwork, load_network, prepare_network
-from .normalise import divide_by_dtype_max, normaliser
+from .normalise import normaliser
 from .volumes import Volume, read_clamped
-
-normalise_raw = divide_by_dtype_max  # the shipped EM models' normalisation (tests, the naive baseline)
-
 
 class AffinityPredictor:
     """A loaded EM model that predicts affinities for any region of a raw volume.
@@ -39,23 +36,19 @@ class AffinityPredictor:
         self._setup(load_network(weights, EM_AFFINITY, device, precision, channels_last=False), str(weights))
 
     @classmethod
-    def from_network(cls, network: InferenceNetwork) -> "AffinityPredictor":
-        """A predictor around a network prepared elsewhere (training's validation runs
-        the live, unfused network through exactly the inference code)."""
+    def from_model(cls, model: torch.nn.Module, normalisation: str) -> "AffinityPredictor":
+        """The live ``model`` (unfused, CPU, fp32) behind exactly the inference code:
+        training's validation, whose weights change between calls."""
         predictor = cls.__new__(cls)
-        predictor._setup(network, "the training network")
+        network = prepare_network(model, "cpu", "fp32", fuse=False, channels_last=False)
+        predictor._setup(network, "the training network", normalisation)
         return predictor
 
-    @classmethod
-    def from_model(cls, model: torch.nn.Module, card=None) -> "AffinityPredictor":
-        """The live ``model`` (unfused, CPU, fp32) behind the inference code."""
-        return cls.from_network(prepare_network(model, "cpu", "fp32", fuse=False, channels_last=False, card=card))
-
-    def _setup(self, network: InferenceNetwork, source: str) -> None:
+    def _setup(self, network: InferenceNetwork, source: str, normalisation: str | None = None) -> None:
         self.network = network
         self.model = network.module
         self.card = network.card
-        self.normalise = normaliser(self.card) if self.card is not None else divide_by_dtype_max
+        self.normalise = normaliser(normalisation or self.card.normalisation)
         if getattr(self.model, "padding", "valid") != "valid":
             raise InputError(f"{source}: blockwise prediction needs a valid-padded U-Net")
         self.device, self.dtype = network.device, network.dtype

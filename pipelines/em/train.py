@@ -23,14 +23,16 @@ from funlib.geometry import Roi
 
 from psc.models import build_model
 from psc.models.weights import ModelCard
+from psc.utils.errors import InputError
 from psc.utils.files import atomic_write
 
 from ..training import Panel, Run, SamplerHooks, warmup_cosine
 
 from .affinities import affinities_from_labels, balance_weights
 from .metrics import evaluate
+from .normalise import DEFAULT_NORMALISATION, normaliser
 from .postprocess import segment_affinities
-from .predict import AffinityPredictor, normalise_raw
+from .predict import AffinityPredictor
 from .volumes import Volume, open_volume, read_clamped
 
 BACKBONE_OPTIONS = {"num_fmaps": 12, "fmap_inc_factor": 3, "downsample_factors": [[2, 2, 2], [2, 2, 2]]}
@@ -55,18 +57,7 @@ class EMTrainConfig:
     export: str = ""
     data_source: str = ""
     data_terms: str = ""
-
-
-class _Predictor(AffinityPredictor):
-    """The training model seen through the inference code (same context, same padding)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.device, self.dtype = model, torch.device("cpu"), torch.float32
-        factors = np.prod(np.array(model.downsample_factors), axis=0)
-        from funlib.geometry import Coordinate
-
-        self.grid = Coordinate(int(f) for f in factors)
-        self.context = Coordinate(self._context())
+    normalisation: str = DEFAULT_NORMALISATION  # raw -> network input (psc.pipelines.em.normalise), onto the card
 
 
 def _augment(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +74,10 @@ def _augment(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> t
 class Sampler:
     """Random training crops from the part of the volume left of the validation region."""
 
-    def __init__(self, raw: Volume, labels: Volume, train_roi: Roi, out_size: int, context: int, seed: int):
+    def __init__(self, raw: Volume, labels: Volume, train_roi: Roi, out_size: int, context: int, seed: int,
+                 normalisation: str = DEFAULT_NORMALISATION):
         self.raw, self.labels, self.train_roi = raw, labels, train_roi
+        self.normalise = normaliser(normalisation)
         self.out, self.context = out_size, context
         self.rng = np.random.default_rng(seed)
 
@@ -95,7 +88,7 @@ class Sampler:
         begin = [self.rng.integers(lo, max(lo, hi - size) + 1) for lo, hi in zip(self.train_roi.begin, self.train_roi.end)]
         label_roi = Roi(begin, (size,) * 3)
         input_roi = label_roi.grow((self.context,) * 3, (self.context,) * 3)
-        raw = normalise_raw(read_clamped(self.raw, input_roi))
+        raw = self.normalise(read_clamped(self.raw, input_roi))
         labels = read_clamped(self.labels, label_roi)
         # voxels mirrored in from outside the training region have no trustworthy label
         inside = np.zeros(labels.shape, bool)
@@ -121,9 +114,10 @@ class Sampler:
         return raw[1:, 1:, 1:], target, mask, balance_weights(target, mask)
 
 
-def validate(model: torch.nn.Module, raw: Volume, labels: Volume, val_roi: Roi) -> dict:
+def validate(model: torch.nn.Module, raw: Volume, labels: Volume, val_roi: Roi,
+             normalisation: str = DEFAULT_NORMALISATION) -> dict:
     model.eval()
-    predictor = _Predictor(model)
+    predictor = AffinityPredictor.from_model(model, normalisation)
     affinities = predictor.predict(raw, val_roi)
     model.train()
     gt = labels.read(val_roi)
@@ -147,16 +141,13 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
     atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(cfg), indent=2)))
     raw, labels = open_volume(cfg.raw), open_volume(cfg.labels)
     if raw.shape != labels.shape:
-        from psc.utils.errors import InputError
-
         raise InputError(f"raw {raw.shape} and labels {labels.shape} differ in shape")
     split = int(round(raw.shape[2] * (1 - cfg.val_fraction))) // 4 * 4  # on the pooling grid
     train_roi = Roi((0, 0, 0), (raw.shape[0], raw.shape[1], split))
     val_roi = Roi((0, 0, split), (raw.shape[0], raw.shape[1], raw.shape[2] - split))
     model = build_model("unet3d", conv=cfg.conv, **cfg.options)
-    predictor = _Predictor(model)
-    context = int(predictor.context[0])
-    sampler = Sampler(raw, labels, train_roi, cfg.out_size, context, cfg.seed)
+    context = int(AffinityPredictor.from_model(model, cfg.normalisation).context[0])
+    sampler = Sampler(raw, labels, train_roi, cfg.out_size, context, cfg.seed, cfg.normalisation)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = warmup_cosine(optimizer, cfg.iterations)  # cosine, no warm-up
 
@@ -189,7 +180,7 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
         return loss.item()
 
     def validation(step: int) -> tuple[float, dict]:
-        result = validate(model, raw, labels, val_roi)
+        result = validate(model, raw, labels, val_roi, cfg.normalisation)
         latest.clear()
         latest.update(result)
         scores = result["per_threshold"][result["best_threshold"]]
@@ -208,8 +199,7 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
             backbone="unet3d", conv=cfg.conv, options=cfg.options, in_channels=1, out_channels=3,
             task="nearest-neighbour affinities (z, y, x) of FIB-SEM neuron boundaries",
             labels={0: "affinity z", 1: "affinity y", 2: "affinity x"},
-            orientation="zyx", spacing=tuple(raw.voxel_size), normalisation="divide-by-dtype-max",
-            parameters=sum(p.numel() for p in model.parameters()),
+            orientation="zyx", spacing=tuple(raw.voxel_size), normalisation=cfg.normalisation,
             training={"data": cfg.data_source, "terms": cfg.data_terms, "raw": cfg.raw, "labels": cfg.labels,
                       "train_roi": str(train_roi), "val_roi": str(val_roi), "iterations": cfg.iterations,
                       "batch": cfg.batch, "out_size": cfg.out_size, "lr": cfg.lr, "seed": cfg.seed},

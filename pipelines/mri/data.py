@@ -24,7 +24,7 @@ from monai.transforms import (
 
 from psc.utils.errors import InputError
 from .io import is_scan_file, read_scan, scan_stem
-from .preprocess import brain_bbox, normalise, to_meta, to_model_space
+from .preprocess import brain_bbox, normaliser, to_meta, to_model_space
 
 LABEL_SUFFIXES = ("_seg", "_dseg", "_labels", "_label")
 
@@ -52,15 +52,17 @@ def find_pairs(data_dir: str | Path) -> list[Pair]:
     return sorted(pairs, key=lambda p: p.case)
 
 
-def prepare_case(pair: Pair, spacing: Sequence[float], orientation: str = "RAS", margin: int = 8) -> dict:
-    """Image and label in model space, image normalised, both cropped to the brain."""
+def prepare_case(pair: Pair, spacing: Sequence[float], orientation: str = "RAS", margin: int = 8,
+                 normalisation: str = "zscore-nonzero") -> dict:
+    """Image and label in model space, image normalised (``normalisation``, the name the
+    exported card will carry), both cropped to the brain."""
     image, label = read_scan(pair.image), read_scan(pair.label)
     if image.array.shape != label.array.shape or not np.allclose(image.affine, label.affine, atol=1e-3):
         raise InputError(f"{pair.case}: image and label grids differ")
     image_ms = to_model_space(to_meta(image.array.astype(np.float32), image.affine), spacing, orientation)
     label_ms = to_model_space(to_meta(label.array.astype(np.float32), image.affine), spacing, orientation,
                               label=True)
-    image_ms = normalise(image_ms.as_tensor())
+    image_ms = normaliser(normalisation)(image_ms.as_tensor())
     box = (slice(None), *brain_bbox(image_ms, margin))
     return {
         "case": pair.case,
@@ -115,6 +117,7 @@ def set_sampler_state(transform, states: list) -> None:
     """Put back what ``sampler_state`` returned (for the same transforms)."""
     own = _random_states(transform)
     if len(own) != len(states):
-        raise ValueError(f"sampler state for {len(states)} random transforms, this sampler has {len(own)}")
+        raise InputError(f"last.pt holds the state of {len(states)} random transforms, this run's sampler has "
+                         f"{len(own)}: it belongs to another training setup (start afresh without --resume)")
     for state, saved in zip(own, states):
         state.set_state(saved)

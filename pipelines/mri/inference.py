@@ -112,7 +112,7 @@ def preprocess(scan: Scan, card: ModelCard, mask: Scan | None = None) -> ModelSp
         raise InputError(f"mask shape {mask.array.shape} differs from the scan's {scan.array.shape}")
     if mask is not None and not np.allclose(mask.affine, scan.affine, atol=1e-3):
         raise InputError(f"mask {mask.path.name} lies on a different grid than {scan.path.name} (affines differ)")
-    normalise = normaliser(card)
+    normalise = normaliser(card.normalisation)
     image = to_model_space(to_meta(scan.array.astype(np.float32), scan.affine), card.spacing, card.orientation)
     brain_ms = None
     if mask is not None:

@@ -14,7 +14,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensity, Orientation, Spacing
 
-from psc.models.weights import ModelCard, WeightsError
+from psc.models.weights import WeightsError
 
 
 def to_meta(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
@@ -51,13 +51,13 @@ def normalise(image: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
 NORMALISATIONS = {"zscore-nonzero": normalise}  # the card's ``normalisation`` -> its function
 
 
-def normaliser(card: ModelCard):
-    """The intensity transform ``card``'s network was trained with: inference and
-    training both take it from the card, never from a second copy."""
+def normaliser(name: str):
+    """The intensity transform named ``name``: inference takes the name from the model
+    card, training from its config and writes it onto the card it exports."""
     try:
-        return NORMALISATIONS[card.normalisation]
+        return NORMALISATIONS[name]
     except KeyError:
-        raise WeightsError(f"the model card names the MRI normalisation {card.normalisation!r}, which this "
+        raise WeightsError(f"the model card names the MRI normalisation {name!r}, which this "
                            f"version of psc does not know ({', '.join(NORMALISATIONS)})") from None
 
 

@@ -18,7 +18,8 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 from psc.models import build_model
-from psc.models.weights import ModelCard, load_weights
+from psc.models.weights import MRI_TISSUE, ModelCard, load_weights
+from psc.utils.errors import InputError
 
 from ..precision import autocast, resolve_precision
 from ..training import Panel, Run, SamplerHooks, warmup_cosine
@@ -52,6 +53,7 @@ class TrainConfig:
     data_terms: str = ""  # the terms it comes under (goes on the model card)
     init: str = ""  # weights to start from (fine-tuning), same backbone, conv and options
     precision: str = "fp32"  # fp32, or bf16 autocast (fast on CPUs with AVX512-BF16/AMX)
+    normalisation: str = config.NORMALISATION  # intensity transform (pipelines/mri/preprocess), onto the card
 
 
 def validate(model: torch.nn.Module, cases: list[dict], classes: int) -> dict[str, list[float]]:
@@ -70,12 +72,15 @@ def validate(model: torch.nn.Module, cases: list[dict], classes: int) -> dict[st
 
 def _start_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Fine-tuning: take the weights of ``cfg.init`` (hash-checked by its card), which
-    must describe the very network being trained."""
-    init, card = load_weights(cfg.init)
+    must describe the very network being trained, fed the same way (normalisation)."""
+    init, card = load_weights(cfg.init, kind=MRI_TISSUE)
     as_json = lambda options: {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}  # noqa: E731
     if (cfg.backbone, cfg.conv, as_json(cfg.options)) != (card.backbone, card.conv, as_json(card.options)):
-        raise ValueError(f"--init {cfg.init} is a {card.backbone}/{card.conv} with options {card.options}, "
+        raise InputError(f"--init {cfg.init} is a {card.backbone}/{card.conv} with options {card.options}, "
                          f"not the {cfg.backbone}/{cfg.conv} with {cfg.options} being trained")
+    if card.normalisation != cfg.normalisation:
+        raise InputError(f"--init {cfg.init} was trained on {card.normalisation!r} inputs, not the "
+                         f"{cfg.normalisation!r} of this run")
     model.load_state_dict(init.state_dict())
 
 
@@ -92,18 +97,18 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
 
     pairs = find_pairs(cfg.data)
     if not pairs:
-        raise ValueError(f"no (image, <stem>_seg) pairs found under {cfg.data}")
+        raise InputError(f"no (image, <stem>_seg) pairs found under {cfg.data}")
     known = {p.case for p in pairs}
     missing = [c for c in cfg.val_cases if c not in known]
     if missing:
-        raise ValueError(f"validation cases not found: {missing}")
+        raise InputError(f"validation cases not found: {missing}")
     train_pairs = [p for p in pairs if p.case not in cfg.val_cases]
     val_pairs = [p for p in pairs if p.case in cfg.val_cases]
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=list) + "\n")
 
     print(f"preparing {len(train_pairs)} training and {len(val_pairs)} validation scans", flush=True)
-    train_cases = [prepare_case(p, cfg.spacing) for p in tqdm(train_pairs, desc="train scans", file=sys.stdout)]
-    val_cases = [prepare_case(p, cfg.spacing) for p in tqdm(val_pairs, desc="val scans", file=sys.stdout)]
+    train_cases = [prepare_case(p, cfg.spacing, normalisation=cfg.normalisation) for p in tqdm(train_pairs, desc="train scans", file=sys.stdout)]
+    val_cases = [prepare_case(p, cfg.spacing, normalisation=cfg.normalisation) for p in tqdm(val_pairs, desc="val scans", file=sys.stdout)]
     classes = len(config.LABELS)
     sampler = training_transforms(cfg.patch, cfg.batch, classes, cfg.class_ratios)
     sampler.set_random_state(seed=cfg.seed)
@@ -158,7 +163,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         card = ModelCard(
             backbone=cfg.backbone, conv=cfg.conv, options=cfg.options, in_channels=1, out_channels=classes,
             task="brain tissue segmentation of skull-stripped T1 MRI", labels=dict(config.LABELS),
-            orientation=config.ORIENTATION, spacing=tuple(cfg.spacing), normalisation=config.NORMALISATION,
+            orientation=config.ORIENTATION, spacing=tuple(cfg.spacing), normalisation=cfg.normalisation,
             training={
                 "data": cfg.data_source or "unspecified (give --data-source)",
                 "terms": cfg.data_terms or "unspecified (give --data-terms)",
