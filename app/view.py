@@ -19,181 +19,57 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from psc.app.cli import HelpFormatter
-from psc.utils.errors import InputError
+from psc.app.cli import HelpFormatter, run_guarded
 
 PROG = "psc-view"
-WIDGETS = {"segment": "Segment", "score": "Score", "threshold": "Threshold (EM)"}
 
 
-def _mri_outputs(path: Path) -> list[Path]:
-    """The scan of ``path`` and its psc outputs that exist, bottom layer first."""
-    from psc.plugins.napari._reader import MRI_SUFFIXES, mri_kind, mri_stem
+def build_parser() -> argparse.ArgumentParser:
+    from psc.pipelines.mri.options import SAMPLE_OUTPUT
+    from psc.plugins.napari.viewer import WIDGETS
 
-    stem = mri_stem(path)
-    if mri_kind(path) != "image":
-        stem = stem.removesuffix("_dseg").removesuffix("_probseg")
-    scans = [path] if mri_kind(path) == "image" else [path.with_name(stem + s) for s in MRI_SUFFIXES]
-    found = [p for p in scans if p.is_file()][:1]
-    for suffix in ("_probseg", "_dseg"):
-        found += [p for p in (path.with_name(stem + suffix + s) for s in MRI_SUFFIXES) if p.is_file()][:1]
-    return found or [path]
-
-
-def layers_for(path: str | Path) -> list[tuple]:
-    """napari layer data tuples for one input and its psc outputs."""
-    from psc.plugins.napari import _reader as reader
-
-    path = Path(path)
-    if reader.is_mri_path(path):
-        layers = []
-        for item in _mri_outputs(path):
-            layers += reader.read_mri(item)
-        return layers
-    if reader.is_em_run(path):
-        layers = reader.em_run_layers(path)
-        raw = reader.run_raw(path)
-        if raw is not None and "labels" in _arrays(raw[0]) and raw[1] != "labels":
-            data, meta, kind = reader.em_layer(raw[0], "labels", layer_name="labels (ground truth)")
-            layers.append((data, {**meta, "visible": False}, kind))
-        return layers
-    if reader.is_readable_zarr(path):
-        layers = reader.read_zarr(path)
-        run = path.with_name(path.name.removesuffix(".zarr") + "_psc.zarr")
-        if path.name.endswith(".zarr") and reader.is_em_run(run):
-            layers += reader.read_zarr(run)
-        return layers
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    raise InputError(f"{path}: not a scan (NIfTI, MGZ) or a zarr container that psc can read")
-
-
-def _arrays(container: Path) -> list[str]:
-    from psc.plugins.napari._reader import _array_names, _open_node
-
-    try:
-        return _array_names(_open_node(container))
-    except Exception:  # not a group, or unreadable: no ground truth to add
-        return []
-
-
-def _psc(meta: dict) -> dict:
-    """What psc's reader records about a layer (``metadata["psc"]``)."""
-    return (meta.get("metadata") or {}).get("psc") or {}
-
-
-def _source(meta: dict) -> tuple:
-    psc = _psc(meta)
-    path = psc.get("path")
-    return (str(Path(path).resolve()) if path else None, psc.get("array"))
-
-
-def collect(paths: list[str | Path]) -> list[tuple]:
-    """Layers for every input, each source once (``RAW.zarr RAW_psc.zarr`` shows raw once)."""
-    layers, seen = [], set()
-    for path in paths:
-        for data, meta, kind in layers_for(path):
-            key = _source(meta)
-            if key[0] is not None and key in seen:
-                continue
-            seen.add(key)
-            layers.append((data, meta, kind))
-    return layers
-
-
-def describe(layer: tuple) -> str:
-    data, meta, kind = layer
-    names = meta.get("name")
-    names = ", ".join(names) if isinstance(names, list) else names
-    scale = meta.get("scale")
-    unit = meta.get("units") or ""
-    geometry = f"scale {' x '.join(f'{s:g}' for s in scale)} {unit}".rstrip() if scale is not None else ""
-    if meta.get("translate") is not None and any(meta["translate"]):
-        geometry += f" at ({', '.join(f'{t:g}' for t in meta['translate'])})"
-    lazy = " lazy" if type(data).__module__.startswith("dask") else ""
-    hidden = " hidden" if meta.get("visible") is False or (isinstance(meta.get("visible"), list)
-                                                            and not any(meta["visible"])) else ""
-    return f"{kind:6} {names}  {tuple(data.shape)} {data.dtype}{lazy}  {geometry}{hidden}"
-
-
-def add_layers(viewer, layers: list[tuple]) -> list:
-    added = []
-    for data, meta, kind in layers:
-        result = getattr(viewer, f"add_{kind}")(data, **meta)
-        added += result if isinstance(result, list) else [result]
-    return added
-
-
-def axial_view(viewer, axcodes: str) -> None:
-    """Show axial slices of a 3-D scan whose voxel axes point along ``axcodes`` (e.g.
-    ``RAS``): anterior up and the patient's left on the left, as psc's QC images."""
-    from psc.plugins.napari._compat import camera
-
-    axis = {pair: [i for i, c in enumerate(axcodes) if c in pair] for pair in ("LR", "AP", "SI")}
-    if viewer.dims.ndim != 3 or any(len(found) != 1 for found in axis.values()):
-        return
-    axis = {pair: found[0] for pair, found in axis.items()}
-    viewer.dims.order = (axis["SI"], axis["AP"], axis["LR"])
-    camera(viewer).orientation2d = ("up" if axcodes[axis["AP"]] == "A" else "down",
-                                   "right" if axcodes[axis["LR"]] == "R" else "left")
-
-
-def open_viewer(paths: list[str | Path], viewer=None, widgets: list[str] | None = None):
-    """Add the layers of ``paths`` to ``viewer`` (a new one by default) and dock
-    ``widgets`` (default: Threshold when an EM run is open); returns the viewer."""
-    import napari
-
-    layers = collect(paths)
-    viewer = viewer or napari.Viewer(title=f"{PROG}: {' '.join(Path(p).name for p in paths)}")
-    add_layers(viewer, layers)
-    if widgets is None:
-        widgets = ["threshold"] if any(_psc(meta).get("run") for _, meta, _ in layers) else []
-    for name in widgets:
-        viewer.window.add_plugin_dock_widget("psc", WIDGETS[name])
-    segmentations = [layer for layer in viewer.layers if _psc({"metadata": layer.metadata}).get("role") == "dseg"
-                     or _psc({"metadata": layer.metadata}).get("array") == "segmentation"]
-    if segmentations:  # the layer one looks at (and edits) first
-        viewer.layers.selection.active = segmentations[-1]
-    if {_psc(meta).get("kind") for _, meta, _ in layers} == {"mri"}:
-        axial_view(viewer, _psc(layers[0][1])["axcodes"])
-    viewer.reset_view()
-    return viewer
-
-
-def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""), formatter_class=HelpFormatter)
     parser.add_argument("paths", nargs="*", help="scans, psc outputs, EM containers or runs (x.zarr, OUT.zarr)")
     parser.add_argument("--sample", action="store_true", help="open the MNI152 T1 sample (and its outputs from "
-                        "psc-segment --sample, if present in ./psc-sample-output)")
+                        f"psc-segment --sample, if present in ./{SAMPLE_OUTPUT})")
     parser.add_argument("--widget", action="append", choices=sorted(WIDGETS), dest="widgets",
-                        help="dock this psc widget (repeatable; default: threshold for an EM run)")
+                        help="dock this psc widget (repeatable); without it: threshold for an EM run")
     parser.add_argument("--dry-run", action="store_true", help="print the layers that would open, and exit")
-    args = parser.parse_args(argv)
-    paths = list(args.paths)
-    if args.sample:
-        from psc.pipelines.mri.sample import sample_t1_path
+    return parser
 
-        paths.append(str(sample_t1_path()))
-        outputs = Path("psc-sample-output") / (sample_t1_path().name.replace(".nii.gz", "_dseg.nii.gz"))
-        if outputs.is_file():
-            paths.append(str(outputs))
-    if not paths:
-        parser.error("give at least one path, or --sample")
-    try:
-        if args.dry_run:
-            for layer in collect(paths):
-                print(describe(layer))
-            return 0
-        import napari
 
-        open_viewer(paths, widgets=args.widgets)
-        napari.run()
+def sample_paths() -> list[str]:
+    """The MNI152 sample, and its dseg where ``psc-segment --sample`` writes it."""
+    from psc.pipelines.mri.options import SAMPLE_OUTPUT
+    from psc.pipelines.mri.outputs import output_paths
+    from psc.pipelines.mri.sample import sample_t1_path
+
+    dseg = output_paths(sample_t1_path(), SAMPLE_OUTPUT, probabilities=False)["dseg"]
+    return [str(sample_t1_path())] + ([str(dseg)] if dseg.is_file() else [])
+
+
+def run(args: argparse.Namespace) -> int:
+    from psc.plugins.napari.viewer import collect, describe, open_viewer
+
+    if args.dry_run:
+        for layer in collect(args.paths):
+            print(describe(layer))
         return 0
-    except InputError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    import napari
+
+    open_viewer(args.paths, widgets=args.widgets, title=PROG)
+    napari.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.paths = list(args.paths) + (sample_paths() if args.sample else [])
+    if not args.paths:
+        parser.error("give at least one path, or --sample")
+    return run_guarded(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -258,7 +258,7 @@ def test_score_em_lists_the_worst_errors_and_a_click_centres_on_one(make_napari_
 def test_threshold_slider_swaps_the_lookup_table(make_napari_viewer, qtbot, em_run, tmp_path):
     import zarr
 
-    from psc.app.view import open_viewer
+    from psc.plugins.napari.viewer import open_viewer
     from psc.pipelines.em.graph import GraphStore, apply_lookup
     from psc.plugins.napari._widgets import ThresholdWidget
 
@@ -287,7 +287,7 @@ def test_threshold_slider_swaps_the_lookup_table(make_napari_viewer, qtbot, em_r
 # --- screenshots ----------------------------------------------------------------------
 
 def test_overlay_screenshot_is_not_blank(make_napari_viewer, qtbot, mri_outputs, tmp_path):
-    from psc.app.view import open_viewer
+    from psc.plugins.napari.viewer import open_viewer
     from psc.plugins.napari._widgets import SegmentWidget
 
     viewer = make_napari_viewer(show=True)

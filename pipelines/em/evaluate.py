@@ -8,35 +8,23 @@ memory is bounded by the block size) scores every stored threshold.
 
 from __future__ import annotations
 
-from typing import Iterator
-
-from funlib.geometry import Roi
 from tqdm import tqdm
 
 from psc.utils.errors import InputError
 from . import layout
+from .blocks import blocks
 from .graph import GraphStore, apply_lookup
-from .metrics import Contingency, sum_pairs, scores
+from .metrics import Contingency, contingency_of, scores, sum_pairs
 from .volumes import Volume, open_volume
 
 
-def blocks_of(volume: Volume, block_shape=None) -> Iterator[Roi]:
-    """The volume's chunk-aligned blocks, in C order."""
-    shape = block_shape or volume.array.chunks[-3:]
-    for z in range(0, volume.shape[0], shape[0]):
-        for y in range(0, volume.shape[1], shape[1]):
-            for x in range(0, volume.shape[2], shape[2]):
-                yield Roi((z, y, x), shape).intersect(volume.roi)
-
-
 def contingency(labels: Volume, gt: Volume, progress: bool = True) -> Contingency:
+    """The table of ``labels`` against ``gt``, read a chunk-aligned block at a time."""
     if labels.shape != gt.shape:
         raise InputError(f"segmentation {labels.shape} and ground truth {gt.shape} differ in shape")
-    table = Contingency()
-    rois = list(blocks_of(labels))
-    for roi in tqdm(rois, desc="scoring", disable=not progress, leave=False):
-        table.add(labels.read(roi), gt.read(roi))
-    return table
+    parts = [(Ellipsis, *block) for block in blocks(labels.shape, labels.array.chunks[-3:])]
+    with tqdm(total=len(parts), desc="scoring", disable=not progress, leave=False) as bar:
+        return contingency_of(labels.array, gt.array, parts, lambda done, total: bar.update(1))
 
 
 def evaluate_volume(segmentation: str, gt: str, progress: bool = True) -> dict[str, float]:

@@ -28,9 +28,13 @@ with the literature:
 
 from __future__ import annotations
 
+from typing import Any, Callable, Iterable
+
 import numpy as np
 
 from psc.utils.errors import InputError
+
+from .blocks import blocks, chunk_shape
 
 
 def sum_pairs(seg: np.ndarray, gt: np.ndarray, counts: np.ndarray):
@@ -82,6 +86,24 @@ class Contingency:
         seg, gt, counts = (np.concatenate(column) for column in zip(*parts))
         self._parts = [sum_pairs(seg, gt, counts)]
         return self._parts[0]
+
+
+def contingency_of(seg: Any, gt: Any, parts: Iterable[tuple[slice, ...] | slice] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> Contingency:
+    """The ``Contingency`` of two label arrays of one shape (numpy, zarr or dask), counted
+    a part at a time, so memory is bounded by a part: ``parts`` (index tuples or slices
+    along axis 0), by default the blocks of ``seg``'s chunks (``psc.pipelines.em.blocks``).
+    ``progress(done, total)`` after each part. psc-eval and the napari Score widget both
+    count here."""
+    if tuple(seg.shape) != tuple(gt.shape):
+        raise InputError(f"segmentation {tuple(seg.shape)} and ground truth {tuple(gt.shape)} differ in shape")
+    parts = list(parts) if parts is not None else list(blocks(seg.shape, chunk_shape(seg, (32,))))
+    table = Contingency()
+    for done, part in enumerate(parts, 1):
+        table.add(np.asarray(seg[part]), np.asarray(gt[part]))
+        if progress is not None:
+            progress(done, len(parts))
+    return table
 
 
 def _totals_by_id(ids: np.ndarray, counts: np.ndarray) -> np.ndarray:

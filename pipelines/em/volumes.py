@@ -82,6 +82,64 @@ def _ome_entry(name: str, ndim: int, voxel_size, offset) -> dict:
     }
 
 
+# --- what a path is (the one zarr detection psc-segment, psc-eval, psc-view and the
+# napari plugin use) ---------------------------------------------------------------------
+
+ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")  # v3 node; v2 group; v2 array
+
+
+def is_zarr_path(path: str | Path) -> bool:
+    """A zarr container or array on disk: a folder with ``zarr.json`` (v3) or
+    ``.zgroup``/``.zarray`` (v2)."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in ZARR_MARKERS)
+
+
+def names_zarr(path: str | Path) -> bool:
+    """A path psc takes for zarr: one on disk, or one named so (``raw.zarr``,
+    ``raw.zarr/raw``), whether or not it exists yet (an error about it then says why)."""
+    return any(part.endswith(".zarr") for part in Path(path).parts) or is_zarr_path(path)
+
+
+def open_node(path: str | Path) -> zarr.Group | zarr.Array:
+    """The zarr group or array at ``path``, read-only (zarr's warnings about the files a
+    run keeps beside its arrays silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return zarr.open(str(path), mode="r")
+
+
+def array_names(group: zarr.Group) -> list[str]:
+    """The volumes (3-D, or 4-D with channels first) directly in ``group``, sorted."""
+    with warnings.catch_warnings():  # graph.sqlite and .tracking/ sit beside the arrays
+        warnings.simplefilter("ignore")
+        return sorted(name for name, array in group.arrays() if array.ndim in (3, 4))
+
+
+def container_arrays(path: str | Path) -> list[str]:
+    """``array_names`` of the container at ``path``; empty for anything else (an array,
+    no zarr, unreadable)."""
+    try:
+        node = open_node(path)
+    except Exception:  # zarr raises several kinds for a path that is not zarr
+        return []
+    return array_names(node) if isinstance(node, zarr.Group) else []
+
+
+def is_volume_path(path: str | Path) -> bool:
+    """A zarr array of 3 or 4 dimensions, or a container holding such arrays directly
+    (psc's layout; multiscale pyramids in subgroups are left to OME-Zarr readers)."""
+    if not is_zarr_path(path):
+        return False
+    try:
+        node = open_node(path)
+    except Exception:
+        return False
+    if isinstance(node, zarr.Array):
+        return node.ndim in (3, 4)
+    return bool(array_names(node))
+
+
 def open_container(path: str | Path, mode: str = "a") -> zarr.Group:
     """The zarr group at ``path`` (created for modes ``a`` and ``w``)."""
     try:

@@ -6,6 +6,14 @@ from __future__ import annotations
 # IBSR tissue classes, index -> name (BIDS-derivatives dseg.tsv uses these).
 LABELS = {0: "background", 1: "CSF", 2: "GM", 3: "WM"}
 LABEL_DESCRIPTIONS = {0: "background", 1: "cerebrospinal fluid", 2: "gray matter", 3: "white matter"}
+# Each tissue's colour (RGB in [0, 1]) wherever labels are shown: the QC picture
+# (pipelines/mri/outputs.py) and the napari plugin, so both show the same thing.
+LABEL_COLOURS = {1: (0.15, 0.55, 1.0), 2: (1.0, 0.35, 0.2), 3: (1.0, 0.9, 0.2)}
+OTHER_LABEL_COLOUR = (0.6, 0.6, 0.6)  # a label without a colour of its own
+
+
+def label_colour(index: int) -> tuple[float, float, float]:
+    return LABEL_COLOURS.get(index, OTHER_LABEL_COLOUR)
 
 # Model space: RAS+ voxel axes at IBSR's own in-plane/slice resolution (1.5 mm is the
 # coronal slice spacing; resampling it finer would invent detail the labels lack).

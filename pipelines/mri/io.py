@@ -1,9 +1,14 @@
 """Scans in and label maps out, with the geometry kept exactly.
 
 Reading: nibabel for NIfTI/MGZ, SimpleITK for NRRD, MHA/MHD and DICOM series (ITK's
-LPS geometry converted to a RAS affine). Writing: NIfTI on the input's own grid and
-affine, qform/sform codes copied from a NIfTI input, always through a temporary file
-renamed into place, so a crash never leaves a half-written output.
+LPS geometry converted to a RAS affine; SimpleITK is imported only when such a file is
+read, so the names here cost nothing to import, e.g. for the napari reader). Writing:
+NIfTI on the input's own grid and affine, qform/sform codes copied from a NIfTI input,
+always through a temporary file renamed into place, so a crash never leaves a
+half-written output.
+
+The one home of MRI file names: ``NIBABEL_EXTENSIONS``/``SCAN_EXTENSIONS`` and
+``scan_stem`` (the napari plugin, psc-eval, psc-view and training all use these).
 """
 
 from __future__ import annotations
@@ -13,11 +18,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
-
-from psc.utils.files import atomic_write
 
 from psc.utils.errors import InputError
+from psc.utils.files import atomic_write
 
 NIBABEL_EXTENSIONS = (".nii.gz", ".nii", ".mgz", ".mgh")
 SITK_EXTENSIONS = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -53,7 +56,9 @@ def is_scan_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(SCAN_EXTENSIONS)
 
 
-def _sitk_to_array_affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+def _sitk_to_array_affine(image) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
     if image.GetDimension() != 3:
         raise InputError(f"is {image.GetDimension()}-D; psc segments 3-D volumes")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -67,6 +72,8 @@ def _sitk_to_array_affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
@@ -99,6 +106,8 @@ def _read(path: Path) -> Scan:
     if path.is_dir():
         array, affine = _read_dicom_series(path)
     elif path.name.lower().endswith(SITK_EXTENSIONS):
+        import SimpleITK as sitk
+
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError:
@@ -136,15 +145,19 @@ def _check(scan: Scan, allow_empty: bool = False) -> Scan:
     return scan
 
 
-def write_nifti(array: np.ndarray, like: Scan, path: Path, dtype=np.uint8) -> None:
-    """NIfTI on ``like``'s grid: its affine, and its qform/sform codes if it was NIfTI."""
-    image = nib.Nifti1Image(np.asarray(array, dtype=dtype), like.affine)
-    if like.header is not None:
-        image.set_qform(like.affine, code=int(like.header["qform_code"]))
-        image.set_sform(like.affine, code=int(like.header["sform_code"]))
+def write_nifti(array: np.ndarray, like: Scan | np.ndarray, path: Path, dtype=np.uint8) -> None:
+    """NIfTI on ``like``'s grid: a scan (its affine, and its qform/sform codes if it was
+    NIfTI) or a voxel -> RAS affine (codes 1, scanner), written atomically. psc-segment's
+    outputs and the napari plugin's Labels writer both write through here."""
+    affine = np.asarray(like.affine if isinstance(like, Scan) else like, dtype=np.float64)
+    header = like.header if isinstance(like, Scan) else None
+    image = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
+    if header is not None:
+        image.set_qform(affine, code=int(header["qform_code"]))
+        image.set_sform(affine, code=int(header["sform_code"]))
     else:
-        image.set_qform(like.affine, code=1)
-        image.set_sform(like.affine, code=1)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
     atomic_write(path, lambda tmp: nib.save(image, tmp))
 

@@ -1,30 +1,95 @@
 """The files a segmentation produces, named BIDS-derivatives style beside the input
-(or under ``-o DIR``), each written atomically, none overwritten without ``force``."""
+(or under ``-o DIR``), each written atomically, none overwritten without ``force``.
+
+The one home of those names (``OUTPUT_SUFFIXES``, ``role``, ``subject_stem``,
+``outputs_beside``) and of the ``_dseg.tsv`` label table (``write_label_table``,
+``read_label_table``): psc-segment, psc-eval, psc-view and the napari plugin's reader and
+writer all use them. Importing this module is cheap (no torch, no SimpleITK)."""
 
 from __future__ import annotations
 
 import io
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 
 from psc.utils.errors import InputError
-from .inference import Segmentation
 from psc.utils.files import atomic_write
 
-from .io import Scan, scan_stem, write_nifti, write_text
+from .config import label_colour
+from .io import NIBABEL_EXTENSIONS, Scan, scan_stem, write_nifti, write_text
 
-OVERLAY_COLOURS = {1: (0.15, 0.55, 1.0), 2: (1.0, 0.35, 0.2), 3: (1.0, 0.9, 0.2)}
+if TYPE_CHECKING:
+    from .inference import Segmentation
+
+OUTPUT_SUFFIXES = {"dseg": "_dseg.nii.gz", "dseg_tsv": "_dseg.tsv", "volumes": "_volumes.tsv", "qc": "_qc.png",
+                   "probseg": "_probseg.nii.gz"}
+ROLES = ("dseg", "probseg")  # the label-like outputs; anything else is an image (a scan)
 
 
 def output_paths(scan_path: Path, out_dir: Path | None, probabilities: bool) -> dict[str, Path]:
     stem = scan_stem(scan_path)
     folder = Path(out_dir) if out_dir is not None else Path(scan_path).parent
-    names = {"dseg": "_dseg.nii.gz", "dseg_tsv": "_dseg.tsv", "volumes": "_volumes.tsv", "qc": "_qc.png"}
-    if probabilities:
-        names["probseg"] = "_probseg.nii.gz"
-    return {key: folder / f"{stem}{suffix}" for key, suffix in names.items()}
+    keys = [key for key in OUTPUT_SUFFIXES if probabilities or key != "probseg"]
+    return {key: folder / f"{stem}{OUTPUT_SUFFIXES[key]}" for key in keys}
+
+
+def role(path: str | Path) -> str:
+    """``dseg``, ``probseg`` or ``image``, by psc's output names (``x_dseg.nii.gz``...)."""
+    stem = scan_stem(path)
+    return next((name for name in ROLES if stem.endswith(f"_{name}")), "image")
+
+
+def is_output(path: str | Path) -> bool:
+    """A label map or probability map psc wrote (not a scan to segment)."""
+    return role(path) != "image"
+
+
+def subject_stem(path: str | Path) -> str:
+    """The stem of the scan an output belongs to: ``x_dseg.nii.gz`` -> ``x``."""
+    stem = scan_stem(path)
+    kind = role(path)
+    return stem.removesuffix(f"_{kind}") if kind != "image" else stem
+
+
+def outputs_beside(path: str | Path) -> list[Path]:
+    """The scan of ``path`` (a scan or one of its outputs) and its probseg and dseg, those
+    that exist beside it, in that order (bottom layer first); ``[path]`` if none does."""
+    path = Path(path)
+    stem = subject_stem(path)
+    candidates = [[path]] if role(path) == "image" else [[path.with_name(stem + s) for s in NIBABEL_EXTENSIONS]]
+    candidates += [[path.with_name(f"{stem}_{kind}{s}") for s in NIBABEL_EXTENSIONS] for kind in ("probseg", "dseg")]
+    found = [next(p for p in group if p.is_file()) for group in candidates if any(p.is_file() for p in group)]
+    return found or [path]
+
+
+def label_table(names: dict[int, str]) -> str:
+    """The ``_dseg.tsv`` text (BIDS derivatives): ``index<TAB>name``, one row a label."""
+    return "index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in names.items())
+
+
+def write_label_table(names: dict[int, str], path: Path) -> None:
+    write_text(label_table(names), path)
+
+
+def read_label_table(path: str | Path) -> dict[int, str]:
+    """The names in a ``_dseg.tsv`` (empty if there is none or it names nothing)."""
+    path = Path(path)
+    names: dict[int, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines()[1:]:
+            parts = line.split("\t")
+            if len(parts) >= 2 and parts[0].strip().lstrip("-").isdigit():
+                names[int(parts[0])] = parts[1].strip()
+    return names
+
+
+def label_table_path(dseg: str | Path) -> Path:
+    """``x_dseg.nii.gz`` -> ``x_dseg.tsv``, its label table."""
+    return Path(dseg).with_name(scan_stem(dseg) + ".tsv")
 
 
 def check_outputs(paths: dict[str, Path], force: bool) -> None:
@@ -59,7 +124,7 @@ def volumes_table(labels: np.ndarray, names: dict[int, str], voxel_volume: float
 def write_outputs(seg: Segmentation, scan: Scan, paths: dict[str, Path], names: dict[int, str]) -> None:
     next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
     write_nifti(seg.labels, scan, paths["dseg"], dtype=np.uint8)
-    write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in names.items()), paths["dseg_tsv"])
+    write_label_table(names, paths["dseg_tsv"])
     write_text(volumes_table(seg.labels, names, scan.voxel_volume), paths["volumes"])
     if "probseg" in paths:
         write_nifti(np.moveaxis(seg.probabilities, 0, -1), scan, paths["probseg"], dtype=np.float32)
@@ -74,12 +139,8 @@ def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
     ornt = nib.orientations.io_orientation(affine)
     to_ras = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt("RAS"))
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    zooms = voxel_sizes(affine)
     return nib.orientations.apply_orientation(array, to_ras), zooms[ornt[:, 0].argsort()]
-
-
-def _colour(index: int) -> tuple[float, float, float]:
-    return OVERLAY_COLOURS.get(index, (0.6, 0.6, 0.6))
 
 
 def qc_png(scan: Scan, labels: np.ndarray, names: dict[int, str]) -> bytes:
@@ -105,7 +166,7 @@ def qc_png(scan: Scan, labels: np.ndarray, names: dict[int, str]) -> bytes:
     low = min(low, 0.0)  # a skull-stripped T1: background black, CSF dark, not clipped away
     lut = np.zeros((max(max(names), int(label.max())) + 1, 4), np.float32)  # label -> RGBA
     for index in range(1, len(lut)):
-        lut[index] = (*_colour(index), 0.4)
+        lut[index] = (*label_colour(index), 0.4)
     views = [  # title, image slice (rows, columns), label slice, row and column voxel size, axis letters
         ("axial", image[:, :, z].T, label[:, :, z].T, zooms[1], zooms[0], "LRPA"),
         ("coronal", image[:, y, :].T, label[:, y, :].T, zooms[2], zooms[0], "LRIS"),
@@ -137,7 +198,7 @@ def qc_png(scan: Scan, labels: np.ndarray, names: dict[int, str]) -> bytes:
             ax.text(extent[1] / 2, extent[3] - 2, letters[3], ha="center", va="top", **style)
         axes[0, column].set_title(title, color="white", fontsize=11)
     counts = np.bincount(labels.ravel(), minlength=len(lut))
-    handles = [Patch(color=_colour(i), label=f"{name}  {counts[i] * scan.voxel_volume / 1000:.0f} ml")
+    handles = [Patch(color=label_colour(i), label=f"{name}  {counts[i] * scan.voxel_volume / 1000:.0f} ml")
                for i, name in names.items() if i]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white",
                fontsize=11, handlelength=1.2, columnspacing=2.5)

@@ -53,9 +53,8 @@ def _wait_ui(seconds: float = 1.0) -> None:
 def segment_mri(folder: Path, size: tuple[int, int]) -> None:
     import napari
 
-    from psc.app.view import add_layers, axial_view
-
     from ._sample_data import t1_brain
+    from .viewer import add_layers, axial_view
     from ._widgets import SegmentWidget
 
     viewer = napari.Viewer(title="psc: Segment")
@@ -79,12 +78,13 @@ def em(folder: Path, raw: Path, weights: Path, threshold: float, score_threshold
     import napari
     import numpy as np
 
-    from psc.app.view import open_viewer
+    from psc.pipelines.em.layout import default_output
 
     from ._segment import segment_em
     from ._widgets import ScoreWidget, ThresholdWidget
+    from .viewer import open_viewer
 
-    out = Path(tempfile.mkdtemp(prefix="psc-screenshots-")) / f"{raw.name.removesuffix('.zarr')}_psc.zarr"
+    out = Path(tempfile.mkdtemp(prefix="psc-screenshots-")) / default_output(raw).name
     segment_em(str(raw / "raw"), out, weights, device="cpu", progress=lambda d, t, s: print(f"  {s} {d}/{t}"))
     viewer = napari.Viewer(title="psc-view")
     viewer.window.resize(*size)
@@ -115,12 +115,12 @@ def em(folder: Path, raw: Path, weights: Path, threshold: float, score_threshold
 
 
 def main(argv: list[str] | None = None) -> int:
-    from psc.app.segment_em import DEFAULT_EM_WEIGHTS
+    from psc.models.shipped import ShippedWeights
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--em-raw", type=Path, help="RAW.zarr with raw and labels (skip the EM images without)")
-    parser.add_argument("--em-weights", type=Path, default=DEFAULT_EM_WEIGHTS)
+    parser.add_argument("--em-weights", type=Path, default=ShippedWeights.EM_AFFINITY.value.path)
     parser.add_argument("--threshold", type=float, default=0.3, help="of the Threshold screenshot")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="of the segmentation scored")
     parser.add_argument("--size", type=int, nargs=2, default=(1400, 820))

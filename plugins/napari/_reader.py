@@ -18,51 +18,38 @@ affinities as three channels (z, y, x), fragments, segmentation and labels as La
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from nibabel.affines import voxel_sizes
+
+from psc.pipelines.em.volumes import array_names, is_volume_path, is_zarr_path, open_node
+from psc.pipelines.mri.config import LABELS, OTHER_LABEL_COLOUR, label_colour
+from psc.pipelines.mri.io import NIBABEL_EXTENSIONS, scan_stem
+from psc.pipelines.mri.outputs import OUTPUT_SUFFIXES, label_table_path, read_label_table, role, subject_stem
 
 LayerData = tuple[Any, dict, str]
 
-MRI_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
 LABEL_ARRAYS = ("fragments", "segmentation", "labels", "gt", "ground_truth", "seg")
 AFFINITY_AXES = ("z", "y", "x")
 AFFINITY_COLOURS = ("red", "green", "blue")
-# psc's QC overlay colours (pipelines/mri/outputs.py), so napari shows what the PNG shows
-TISSUE_COLOURS = {None: (0.6, 0.6, 0.6, 1.0), 0: (0.0, 0.0, 0.0, 0.0), 1: (0.15, 0.55, 1.0, 1.0),
-                  2: (1.0, 0.35, 0.2, 1.0), 3: (1.0, 0.9, 0.2, 1.0)}
 
 
 # --- what a path is -------------------------------------------------------------------
 
 def is_mri_path(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(MRI_SUFFIXES) and Path(path).is_file()
+    """A file napari opens with this reader as MRI: what nibabel reads (NIfTI, MGZ)."""
+    return str(path).lower().endswith(NIBABEL_EXTENSIONS) and Path(path).is_file()
 
 
-def is_zarr_path(path: str | os.PathLike) -> bool:
-    """A zarr container or array: a folder with ``zarr.json`` (v3) or ``.zgroup``/``.zarray`` (v2)."""
-    path = Path(path)
-    return path.is_dir() and any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray"))
-
-
-def mri_stem(path: str | os.PathLike) -> str:
-    name = Path(path).name
-    for suffix in MRI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def mri_kind(path: str | os.PathLike) -> str:
-    """``dseg``, ``probseg`` or ``image``, by psc's output names."""
-    stem = mri_stem(path)
-    if stem.endswith("_dseg"):
-        return "dseg"
-    if stem.endswith("_probseg"):
-        return "probseg"
-    return "image"
+def tissue_colormap(names: dict[int, str]) -> dict:
+    """napari's Labels colormap for ``names``: psc's tissue colours
+    (``psc.pipelines.mri.config.LABEL_COLOURS``, the QC picture's), background
+    transparent, any other label grey; so napari shows what the PNG shows."""
+    colours = {None: (*OTHER_LABEL_COLOUR, 1.0), 0: (0.0, 0.0, 0.0, 0.0)}
+    colours.update({index: (*label_colour(index), 1.0) for index in names if index != 0})
+    return colours
 
 
 # --- npe2 reader command --------------------------------------------------------------
@@ -70,7 +57,7 @@ def mri_kind(path: str | os.PathLike) -> str:
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
     """The npe2 ``get_reader`` command: a reader function if psc can read ``path``."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not paths or not all(is_mri_path(p) or is_readable_zarr(p) for p in paths):
+    if not paths or not all(is_mri_path(p) or is_volume_path(p) for p in paths):
         return None
     return read
 
@@ -88,22 +75,13 @@ def read(path: str | list[str]) -> list[LayerData]:
 def mri_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(scale, translate) of a voxel -> world affine: voxel sizes (column norms) and origin, mm."""
     affine = np.asarray(affine, dtype=np.float64)
-    scale = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0)))
-    return scale, tuple(float(v) for v in affine[:3, 3])
+    return tuple(float(v) for v in voxel_sizes(affine)), tuple(float(v) for v in affine[:3, 3])
 
 
 def tissue_names(path: str | os.PathLike, values: np.ndarray | None = None) -> dict[int, str]:
     """Names of a dseg's labels: its ``<stem>.tsv`` sidecar (``index<TAB>name``, what
     psc-segment writes), else psc's tissue classes."""
-    from psc.pipelines.mri.config import LABELS
-
-    sidecar = Path(path).with_name(mri_stem(path) + ".tsv")
-    names: dict[int, str] = {}
-    if sidecar.is_file():
-        for line in sidecar.read_text().splitlines()[1:]:
-            parts = line.split("\t")
-            if len(parts) >= 2 and parts[0].strip().lstrip("-").isdigit():
-                names[int(parts[0])] = parts[1].strip()
+    names = read_label_table(label_table_path(path))
     if not names:
         names = dict(LABELS)
     if values is not None:  # labels in the data but not named
@@ -123,11 +101,11 @@ def read_mri(path: str | os.PathLike) -> list[LayerData]:
     path = Path(path)
     image = nib.load(str(path))
     data = np.asanyarray(image.dataobj)  # a memory map for uncompressed .nii
-    while data.ndim > 3 and data.shape[-1] == 1 and mri_kind(path) != "probseg":
+    while data.ndim > 3 and data.shape[-1] == 1 and role(path) != "probseg":
         data = data[..., 0]
     affine = np.asarray(image.affine, dtype=np.float64)
     scale, translate = mri_geometry(affine)
-    kind, stem = mri_kind(path), mri_stem(path)
+    kind, stem = role(path), scan_stem(path)
     axcodes = "".join(nib.orientations.aff2axcodes(affine))
     psc = {"kind": "mri", "role": kind, "path": str(path), "affine": affine.tolist(), "axcodes": axcodes}
     common = {"scale": scale, "translate": translate, "units": "mm", "axis_labels": ("i", "j", "k"),
@@ -138,11 +116,10 @@ def read_mri(path: str | os.PathLike) -> list[LayerData]:
             labels = np.rint(labels).astype(np.int32)
         names = tissue_names(path, np.unique(labels))
         psc["labels"] = {str(k): v for k, v in names.items()}
-        colours = {k: v for k, v in TISSUE_COLOURS.items() if k is None or k in names}
-        return [(labels, {**common, "name": stem, "features": label_features(names), "colormap": colours,
-                          "opacity": 0.5}, "labels")]
+        return [(labels, {**common, "name": stem, "features": label_features(names),
+                          "colormap": tissue_colormap(names), "opacity": 0.5}, "labels")]
     if kind == "probseg" and data.ndim == 4:
-        dseg_names = tissue_names(path.with_name(stem.removesuffix("_probseg") + "_dseg.nii.gz"))
+        dseg_names = tissue_names(path.with_name(subject_stem(path) + OUTPUT_SUFFIXES["dseg"]))
         classes = data.shape[3]
         names = [f"{stem} {dseg_names.get(c, f'class {c}')}" for c in range(classes)]
         psc["labels"] = {str(c): dseg_names.get(c, f"class {c}") for c in range(classes)}
@@ -159,36 +136,6 @@ def read_mri(path: str | os.PathLike) -> list[LayerData]:
 
 # --- EM (zarr) ------------------------------------------------------------------------
 
-def _open_node(path: str | os.PathLike):
-    import zarr
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return zarr.open(str(path), mode="r")
-
-
-def _array_names(group) -> list[str]:
-    with warnings.catch_warnings():  # graph.sqlite and .tracking/ sit beside the arrays
-        warnings.simplefilter("ignore")
-        return sorted(name for name, array in group.arrays() if array.ndim in (3, 4))
-
-
-def is_readable_zarr(path: str | os.PathLike) -> bool:
-    """A zarr array of 3 or 4 dimensions, or a container holding such arrays directly
-    (psc's layout; multiscale pyramids in subgroups are left to OME-Zarr readers)."""
-    if not is_zarr_path(path):
-        return False
-    try:
-        node = _open_node(path)
-    except Exception:
-        return False
-    import zarr
-
-    if isinstance(node, zarr.Array):
-        return node.ndim in (3, 4)
-    return bool(_array_names(node))
-
-
 def is_em_run(path: str | os.PathLike) -> bool:
     """An ``OUT.zarr`` of ``psc-segment``: its group carries the run's settings."""
     if not is_zarr_path(path):
@@ -196,7 +143,7 @@ def is_em_run(path: str | os.PathLike) -> bool:
     try:
         import zarr
 
-        node = _open_node(path)
+        node = open_node(path)
         return isinstance(node, zarr.Group) and "psc" in node.attrs
     except Exception:
         return False
@@ -214,11 +161,11 @@ def read_zarr(path: str | os.PathLike, names: list[str] | None = None) -> list[L
     import zarr
 
     path = Path(path)
-    node = _open_node(path)
+    node = open_node(path)
     if isinstance(node, zarr.Array):
         return [em_layer(path.parent, path.name)]
     run = "psc" in node.attrs
-    layers = [em_layer(path, name, run=path if run else None) for name in _order(names or _array_names(node))]
+    layers = [em_layer(path, name, run=path if run else None) for name in _order(names or array_names(node))]
     return layers
 
 
@@ -276,7 +223,7 @@ def run_raw(out: str | os.PathLike) -> tuple[Path, str] | None:
         if settings.raw_name:
             return Path(settings.raw), settings.raw_name
         raw = Path(settings.raw)
-        if isinstance(_open_node(raw), zarr.Array):  # RAW.zarr/raw
+        if isinstance(open_node(raw), zarr.Array):  # RAW.zarr/raw
             return raw.parent, raw.name
         volume = open_volume(raw)  # a container: its only array, or "raw"
         return raw, str(volume.array.path).rsplit("/", 1)[-1]

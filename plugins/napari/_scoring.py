@@ -16,11 +16,12 @@ that was wrongly merged in, or split off.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from psc.pipelines.em.metrics import Contingency, scores
+from psc.pipelines.em.blocks import slabs
+from psc.pipelines.em.metrics import contingency_of, scores
 
 Progress = Callable[[int, int], None]
 
@@ -53,18 +54,6 @@ class ErrorSite:
         return f"gt {self.gt} split into segments {self.segment}, {listed}"
 
 
-def slabs(shape: tuple[int, ...], data: Any = None, default: int = 32):
-    """Slices along axis 0 that follow the data's chunks where it has some."""
-    step = default
-    chunks = getattr(data, "chunks", None)
-    if chunks:
-        first = chunks[0]
-        step = int(first[0]) if isinstance(first, tuple) else int(first)
-    step = max(1, step)
-    for start in range(0, shape[0], step):
-        yield slice(start, min(start + step, shape[0]))
-
-
 def _check_shapes(pred, gt) -> None:
     if tuple(pred.shape) != tuple(gt.shape):
         raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")
@@ -89,14 +78,9 @@ def dice_table(pred, gt, names: dict[int, str] | None = None) -> list[tuple[int,
 # --- EM -------------------------------------------------------------------------------
 
 def contingency(pred, gt, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (segment, object, voxels) table, a slab at a time (the slabs ``locate`` walks)."""
     _check_shapes(pred, gt)
-    table = Contingency()
-    parts = list(slabs(tuple(pred.shape), pred))
-    for done, part in enumerate(parts, 1):
-        table.add(np.asarray(pred[part]), np.asarray(gt[part]))
-        if progress:
-            progress(done, len(parts))
-    return table.to_arrays()
+    return contingency_of(pred, gt, slabs(tuple(pred.shape), pred), progress).to_arrays()
 
 
 def _groups(keys: np.ndarray, others: np.ndarray, counts: np.ndarray, total: float, skip_zero: bool):

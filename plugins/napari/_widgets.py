@@ -16,7 +16,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, Pro
 from qtpy.QtCore import QObject, Signal
 
 from ._compat import camera
-from ._reader import TISSUE_COLOURS, em_layer, label_features
+from ._reader import em_layer, label_features, tissue_colormap
 from ._scoring import ErrorSite
 
 MRI, EM = "MRI", "EM"
@@ -193,12 +193,11 @@ class SegmentWidget(_Panel):
 
     def _add_mri(self, image, affine: np.ndarray, result) -> None:
         labels, names = result
-        colours = {k: v for k, v in TISSUE_COLOURS.items() if k is None or k in names}
         meta = {"kind": "mri", "role": "dseg", "affine": np.asarray(affine).tolist(),
                 "labels": {str(k): v for k, v in names.items()}}
         self.viewer.add_labels(labels, name=f"{image.name} dseg", scale=image.scale, translate=image.translate,
                                units=image.units, axis_labels=image.axis_labels, features=label_features(names),
-                               colormap=colours, opacity=0.5, metadata={"psc": meta})
+                               colormap=tissue_colormap(names), opacity=0.5, metadata={"psc": meta})
         self.status.value = f"{image.name}: {', '.join(n for i, n in names.items() if i)} labelled"
 
     def _add_em(self, image, out) -> None:

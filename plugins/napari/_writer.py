@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from ._reader import mri_stem
-
 SLAB = 64  # z slices written at a time to zarr
 
 
@@ -57,27 +55,22 @@ def _names(meta: dict) -> dict[int, str]:
 
 
 def write_nifti_labels(path: str, data: Any, meta: dict) -> list[str]:
-    import nibabel as nib
-
-    from psc.utils.files import atomic_write
-    from psc.pipelines.mri.io import write_text
+    """The labels on their scan's grid, and their names as psc-segment writes them (the
+    same writers: ``psc.pipelines.mri.io.write_nifti``, ``outputs.write_label_table``)."""
+    from psc.pipelines.mri.io import write_nifti
+    from psc.pipelines.mri.outputs import label_table_path, write_label_table
 
     array = np.asarray(data)
     if array.ndim != 3:
         raise ValueError(f"NIfTI labels must be 3-D, this layer is {array.ndim}-D")
     out = Path(path)
-    affine = affine_of(meta, array.ndim)
-    image = nib.Nifti1Image(array.astype(smallest_dtype(array), copy=False), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: nib.save(image, tmp))
+    write_nifti(array, affine_of(meta, array.ndim), out, dtype=smallest_dtype(array))
     written = [str(out)]
     names = _names(meta)
     if names:
-        sidecar = out.with_name(mri_stem(out) + ".tsv")
-        write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in names.items()), sidecar)
+        sidecar = label_table_path(out)
+        write_label_table(names, sidecar)
         written.append(str(sidecar))
     return written
 
@@ -88,6 +81,7 @@ def array_name(meta: dict) -> str:
 
 
 def write_zarr_labels(path: str, data: Any, meta: dict) -> list[str]:
+    from psc.pipelines.em.blocks import slabs
     from psc.pipelines.em.volumes import create_volume
 
     ndim = len(data.shape)
@@ -99,8 +93,8 @@ def write_zarr_labels(path: str, data: Any, meta: dict) -> list[str]:
     scale = tuple(float(s) for s in (meta.get("scale") if meta.get("scale") is not None else (1.0,) * 3))
     translate = tuple(float(t) for t in (meta.get("translate") if meta.get("translate") is not None else (0.0,) * 3))
     volume = create_volume(path, array_name(meta), shape, dtype, chunks, scale, translate, overwrite=True)
-    for z in range(0, shape[0], SLAB):
-        volume.array[z:z + SLAB] = np.asarray(data[z:z + SLAB], dtype=dtype)
+    for slab in slabs(shape, default=SLAB):
+        volume.array[slab] = np.asarray(data[slab], dtype=dtype)
     return [str(path)]
 
 
