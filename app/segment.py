@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -20,22 +19,30 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-import psc.models
-from psc.app.cli import HelpFormatter, run_guarded
+from psc.app.cli import HelpFormatter, add_option, filled, flag, given, run_guarded
 from psc.app.segment_em import add_arguments as add_em_arguments
 from psc.app.segment_em import run_em
+from psc.models.shipped import ShippedWeights
 from psc.pipelines.allocator import keep_freed_memory
-from psc.utils.errors import InputError
+from psc.pipelines.em.options import EM_ONLY
+from psc.pipelines.em.volumes import names_zarr
+from psc.pipelines.mri.options import MRI_ONLY, SAMPLE_OUTPUT, MRISegmentOptions
+from psc.pipelines.options import option_default
 from psc.pipelines.precision import PRECISIONS
+from psc.utils.errors import InputError
 
 
 PROG = "psc-segment"
-DEFAULT_WEIGHTS = Path(psc.models.__file__).parent / "pretrained" / "mri_densenet3d_p2sc2.pt"
+# The shipped MRI model (the registry's record; kept as a name for older callers).
+DEFAULT_WEIGHTS = ShippedWeights.MRI_TISSUE.value.path
+MRI_GROUP = "MRI pipeline (scans)"
+PIPELINES = {"mri": "the MRI pipeline (scans)", "em": "the EM pipeline (RAW.zarr inputs)"}
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
     """Files, DICOM folders, folders of scans and globs -> scan paths, in order."""
     from psc.pipelines.mri.io import is_scan_file
+    from psc.pipelines.mri.outputs import is_output
 
     found: list[Path] = []
     for item in items:
@@ -43,21 +50,12 @@ def expand_inputs(items: list[str]) -> list[Path]:
         if not matches:
             raise InputError(f"{item}: no file matches")
         for match in map(Path, matches):
-            if match.is_dir() and not is_zarr(match):
-                scans = sorted(p for p in match.iterdir() if is_scan_file(p) and not _is_output(p))
+            if match.is_dir() and not names_zarr(match):
+                scans = sorted(p for p in match.iterdir() if is_scan_file(p) and not is_output(p))
                 found += scans or [match]  # no scan files: treat as one DICOM series
             else:
                 found.append(match)
     return found
-
-
-def is_zarr(path: Path) -> bool:
-    """A zarr container or an array inside one (``raw.zarr``, ``raw.zarr/raw``)."""
-    return any(part.endswith(".zarr") for part in path.parts) or (path / "zarr.json").is_file()
-
-
-def _is_output(path: Path) -> bool:
-    return any(path.name.endswith(s) for s in ("_dseg.nii.gz", "_probseg.nii.gz"))
 
 
 def window_size(text: str) -> tuple[int, int, int] | None:
@@ -73,38 +71,62 @@ def window_size(text: str) -> tuple[int, int, int] | None:
     return tuple(sizes * 3 if len(sizes) == 1 else sizes)  # type: ignore[return-value]
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """psc-segment's options. Every option parses to ``None`` unless given (so an option
+    of the other pipeline can be refused); the defaults shown and filled in are the
+    fields of ``MRISegmentOptions`` and ``EMRunOptions``."""
+    default = lambda name: option_default(MRISegmentOptions, name)  # noqa: E731
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""),
                                      formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", help="scans (NIfTI, MGZ, NRRD, MHA/MHD), DICOM folders, folders, globs")
-    parser.add_argument("-o", "--output", type=Path, help="output folder (default: beside each input)")
-    parser.add_argument("--sample", action="store_true", help="segment the bundled MNI152 T1 template")
+    add_option(parser, "-o", "--output", type=Path, help="output folder (MRI) or OUT.zarr (EM)",
+               default="beside each input; EM: RAW_psc.zarr beside RAW.zarr")
+    parser.add_argument("--sample", action="store_true",
+                        help=f"segment the bundled MNI152 T1 template (into ./{SAMPLE_OUTPUT} without -o)")
     parser.add_argument("--pipeline", choices=("auto", "mri", "em"), default="auto",
                         help="auto: .zarr inputs are EM, everything else MRI")
-    parser.add_argument("--weights", type=Path, help="weights .pt with its .json card (default: the shipped "
-                        "MRI or EM model)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="network precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16 "
-                        "(AVX512-BF16/AMX), else fp32")
-    parser.add_argument("--window", type=window_size, default=None, metavar="auto|N|Z,Y,X",
-                        help="sliding window in model voxels; auto: the whole brain crop in one window "
-                        "when it fits, else 96^3 tiles (default: auto)")
-    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
-    parser.add_argument("--tta", action="store_true", help="average with the left-right mirrored prediction")
-    parser.add_argument("--mask", type=Path, help="brain mask (same grid) instead of the nonzero voxels")
-    parser.add_argument("--probabilities", action="store_true", help="also write <stem>_probseg.nii.gz")
-    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    add_option(parser, "--weights", type=Path, help="weights .pt with its .json card",
+               default="the shipped MRI or EM model")
+    add_option(parser, "--device", default=default("device"), help="auto, cpu, cuda or cuda:N")
+    add_option(parser, "--precision", choices=PRECISIONS, default=default("precision"),
+               help="network precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16 "
+               "(AVX512-BF16/AMX), else fp32")
+    add_option(parser, "--force", action="store_true", help="overwrite existing outputs")
+    mri = parser.add_argument_group(MRI_GROUP)
+    add_option(mri, "--window", type=window_size, metavar="auto|N|Z,Y,X",
+               default="auto" if default("window") is None else default("window"),
+               help="sliding window in model voxels; auto: the whole brain crop in one window "
+               "when it fits, else 96^3 tiles")
+    add_option(mri, "--overlap", type=float, default=default("overlap"), help="sliding-window overlap in [0, 1)")
+    add_option(mri, "--tta", action="store_true", help="average with the left-right mirrored prediction")
+    add_option(mri, "--mask", type=Path, help="brain mask (same grid) instead of the nonzero voxels")
+    add_option(mri, "--probabilities", action="store_true", help="also write <stem>_probseg.nii.gz")
     add_em_arguments(parser)
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.inputs and not args.sample:
         parser.error("give at least one input, or --sample")
     return args
 
 
+def refuse_other_pipeline(args: argparse.Namespace, pipeline: str) -> None:
+    """Options of the other pipeline are refused, not ignored: one line naming the
+    pipeline they belong to."""
+    other, inputs = ("em", "MRI scans") if pipeline == "mri" else ("mri", "EM volumes (RAW.zarr)")
+    names = given(args, EM_ONLY if pipeline == "mri" else MRI_ONLY)
+    if names:
+        flags = ", ".join(flag(name) for name in names)
+        raise InputError(f"{flags} appl{'ies' if len(names) == 1 else 'y'} to {PIPELINES[other]}, not to {inputs}")
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
-    from psc.models.weights import WeightsError, load_weights
-    from psc.pipelines.mri.inference import resolve_device, segment_scan
+    from psc.models.weights import MRI_TISSUE
+    from psc.pipelines.inference import load_network
+    from psc.pipelines.mri.inference import segment_scan
     from psc.pipelines.mri.io import read_scan
     from psc.pipelines.mri.outputs import check_outputs, output_paths, write_outputs
     from psc.pipelines.mri.sample import sample_t1_path
@@ -112,25 +134,23 @@ def run(args: argparse.Namespace, console: Console) -> int:
     inputs = expand_inputs(args.inputs)
     if args.sample:
         inputs.append(sample_t1_path())
-        args.output = args.output or Path("psc-sample-output")
-    if args.pipeline == "em" or (args.pipeline == "auto" and any(is_zarr(p) for p in inputs)):
+        args.output = args.output or SAMPLE_OUTPUT
+    em = args.pipeline == "em" or (args.pipeline == "auto" and any(names_zarr(p) for p in inputs))
+    refuse_other_pipeline(args, "em" if em else "mri")
+    if em:
         return run_em(args, inputs, console)
-    args.weights = args.weights or DEFAULT_WEIGHTS
-    if not 0 <= args.overlap < 1:
-        raise InputError(f"--overlap must be in [0, 1), got {args.overlap}")
-    resolve_device(args.device)
-    if not args.weights.is_file() and args.weights == DEFAULT_WEIGHTS:
-        raise InputError(f"the default weights are missing from this installation ({DEFAULT_WEIGHTS}); "
+    options = filled(args, MRISegmentOptions)
+    if not 0 <= options.overlap < 1:
+        raise InputError(f"--overlap must be in [0, 1), got {options.overlap}")
+    shipped = ShippedWeights.MRI_TISSUE.value
+    weights = options.weights or shipped.path
+    if options.weights is None and not shipped.path.is_file():
+        raise InputError(f"the default weights are missing from this installation ({shipped.path}); "
                          "reinstall psc or give --weights PATH")
-    try:
-        model, card = load_weights(args.weights)
-    except WeightsError as error:
-        raise InputError(str(error)) from None
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as error:
-        # A card that is not JSON, or weights of another architecture than the card's.
-        raise InputError(f"{args.weights}: cannot load these weights ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:160] if str(error) else ''})") from None
-    mask = read_scan(args.mask) if args.mask else None
+    # Once per command, not per scan: sha256 and kind checked, fused, on its device.
+    network = load_network(weights, MRI_TISSUE, options.device, options.precision)
+    card = network.card
+    mask = read_scan(options.mask) if options.mask else None
 
     failures = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -143,12 +163,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
             progress.reset(windows, total=None)
             started = time.perf_counter()
             try:
-                paths = output_paths(path, args.output, args.probabilities)
-                check_outputs(paths, args.force)
+                paths = output_paths(path, args.output, options.probabilities)
+                check_outputs(paths, options.force)
                 scan = read_scan(path)
-                seg = segment_scan(scan, model, card, device=args.device, overlap=args.overlap, tta=args.tta,
-                                   mask=mask, precision=args.precision, window=args.window,
-                                   on_window=on_window)
+                seg = segment_scan(scan, network, card, overlap=options.overlap, tta=options.tta, mask=mask,
+                                   window=options.window, on_window=on_window)
                 write_outputs(seg, scan, paths, card.labels)
             except InputError as error:
                 failures += 1

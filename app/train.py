@@ -1,98 +1,152 @@
-"""``psc-train``: train a psc model from labelled data (``psc-train mri ...``, ``psc-train em ...``)."""
+"""``psc-train``: train a psc model from labelled data (``psc-train mri ...``, ``psc-train em ...``).
+
+Every default is the training configuration's own (``TrainConfig`` in
+psc.pipelines.mri.train, ``EMTrainConfig`` in psc.pipelines.em.train).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import fields
+from functools import partial
+from pathlib import Path
 
-from psc.models.weights import WeightsError
+from psc.app.cli import HelpFormatter, run_guarded
 from psc.pipelines.allocator import keep_freed_memory
-from psc.pipelines.mri import config
+from psc.pipelines.options import option_default
+from psc.utils.errors import InputError
+
+PROG = "psc-train"
+RUN_FOLDERS = {"mri": "runs/mri", "em": "runs/em"}  # --out without one
 
 
-def _run_arguments(p: argparse.ArgumentParser) -> None:
+def _run_arguments(p: argparse.ArgumentParser, config: type) -> None:
     """What every training run takes: seed, threads, resume, export and the data's card."""
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    default = partial(option_default, config)
+    p.add_argument("--seed", type=int, default=default("seed"), help="random seed (sampling, initialisation)")
+    p.add_argument("--threads", type=int, default=default("threads"), help="torch CPU threads (0: torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--export", default="", help="write the best weights + model card here at the end")
-    p.add_argument("--data-source", default="", help="where the training data comes from (model card)")
-    p.add_argument("--data-terms", default="", help="the terms of use of the training data (model card)")
+    p.add_argument("--export", default=default("export"), help="write the best weights + model card here at the end")
+    p.add_argument("--data-source", default=default("data_source"),
+                   help="where the training data comes from (model card)")
+    p.add_argument("--data-terms", default=default("data_terms"),
+                   help="the terms of use of the training data (model card)")
 
 
 def _mri_parser(sub) -> None:
-    p = sub.add_parser("mri", help="brain tissue model from (scan, <stem>_seg) pairs")
+    from psc.pipelines.mri.train import TrainConfig
+
+    default = partial(option_default, TrainConfig)
+    p = sub.add_parser("mri", help="brain tissue model from (scan, <stem>_seg) pairs", formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="folder searched for <stem>.nii.gz + <stem>_seg.nii.gz pairs")
-    p.add_argument("--out", default="runs/mri", help="run folder: log.csv, curves.png, best.pt, last.pt")
-    p.add_argument("--conv", default="p2sc2", help="conv3d or p{m}sc{n}")
-    p.add_argument("--options", default=json.dumps(config.BACKBONE_OPTIONS), help="backbone options as JSON")
-    p.add_argument("--val", nargs="+", default=["IBSR_07", "IBSR_16"], help="validation case names")
-    p.add_argument("--iterations", type=int, default=1500)
-    p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--patch", type=int, nargs=3, default=list(config.PATCH_SIZE))
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=50, help="iterations of linear learning-rate warm-up")
-    p.add_argument("--init", default="", help="start from these weights (.pt with its card): fine-tuning")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--out", default=RUN_FOLDERS["mri"], help="run folder: log.csv, curves.png, best.pt, last.pt")
+    p.add_argument("--conv", default=default("conv"), help="conv3d or p{m}sc{n}")
+    p.add_argument("--options", default=json.dumps(default("options")), help="backbone options as JSON")
+    p.add_argument("--val", nargs="+", dest="val_cases", default=default("val_cases"), help="validation case names")
+    p.add_argument("--iterations", type=int, default=default("iterations"), help="training steps")
+    p.add_argument("--val-every", type=int, default=default("val_every"), help="validate every N steps")
+    p.add_argument("--batch", type=int, default=default("batch"), help="patches per step")
+    p.add_argument("--patch", type=int, nargs=3, default=list(default("patch")), metavar=("X", "Y", "Z"),
+                   help="training patch in model voxels")
+    p.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=default("warmup"), help="iterations of linear learning-rate warm-up")
+    p.add_argument("--init", default=default("init"), help="start from these weights (.pt with its card): fine-tuning")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=default("precision"),
                    help="bf16: autocast (on an AMX CPU 1.15x faster per step than fp32 for the P2SC2 DenseNet)")
-    _run_arguments(p)
+    _run_arguments(p, TrainConfig)
 
 
 def _em_parser(sub) -> None:
-    from psc.pipelines.em.train import BACKBONE_OPTIONS
+    from psc.pipelines.em.train import EMTrainConfig
 
-    p = sub.add_parser("em", help="affinity U-Net from a raw and a labels zarr volume")
+    default = partial(option_default, EMTrainConfig)
+    p = sub.add_parser("em", help="affinity U-Net from a raw and a labels zarr volume", formatter_class=HelpFormatter)
     p.add_argument("--raw", required=True, help="raw volume (zarr container or container/array)")
     p.add_argument("--labels", required=True, help="instance labels of the same shape (0 = boundary, ignored)")
-    p.add_argument("--out", default="runs/em", help="run folder: log.csv, curves.png, best.pt, last.pt")
-    p.add_argument("--conv", default="p2sc2", help="conv3d or p{m}sc{n}")
-    p.add_argument("--options", default=json.dumps(BACKBONE_OPTIONS), help="U-Net options as JSON")
-    p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--val-every", type=int, default=200)
-    p.add_argument("--val-fraction", type=float, default=0.25, help="the last fraction of x is held out")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--out-size", type=int, default=24, help="output crop side (a valid U-Net output size)")
-    p.add_argument("--lr", type=float, default=5e-4)
-    _run_arguments(p)
+    p.add_argument("--out", default=RUN_FOLDERS["em"], help="run folder: log.csv, curves.png, best.pt, last.pt")
+    p.add_argument("--conv", default=default("conv"), help="conv3d or p{m}sc{n}")
+    p.add_argument("--options", default=json.dumps(default("options")), help="U-Net options as JSON")
+    p.add_argument("--iterations", type=int, default=default("iterations"), help="training steps")
+    p.add_argument("--val-every", type=int, default=default("val_every"), help="validate every N steps")
+    p.add_argument("--val-fraction", type=float, default=default("val_fraction"),
+                   help="the last fraction of x is held out")
+    p.add_argument("--batch", type=int, default=default("batch"), help="crops per step")
+    p.add_argument("--out-size", type=int, default=default("out_size"),
+                   help="output crop side (a valid U-Net output size)")
+    p.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
+    _run_arguments(p, EMTrainConfig)
 
 
-def _train_em(args) -> int:
-    from psc.pipelines.em.train import EMTrainConfig, train
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""), formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="pipeline", required=True)
+    _mri_parser(sub)
+    _em_parser(sub)
+    return parser
 
-    cfg = EMTrainConfig(raw=args.raw, labels=args.labels, out=args.out, conv=args.conv,
-                        options=json.loads(args.options), out_size=args.out_size, batch=args.batch,
-                        iterations=args.iterations, val_every=args.val_every, val_fraction=args.val_fraction,
-                        lr=args.lr, seed=args.seed, threads=args.threads, export=args.export,
-                        data_source=args.data_source, data_terms=args.data_terms)
+
+def configure(config: type, args: argparse.Namespace):
+    """``config`` from the parsed options (each option is named after its field)."""
+    try:
+        options = json.loads(args.options)
+    except ValueError as error:
+        raise InputError(f"--options is not JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise InputError(f"--options must be a JSON object of backbone options, not {args.options}")
+    names = {item.name for item in fields(config)}
+    values = {name: tuple(value) if name == "patch" else value for name, value in vars(args).items() if name in names}
+    return config(**{**values, "options": options})
+
+
+def check_mri_data(cfg) -> None:
+    """User mistakes caught before any training: no data, no pairs in it, validation
+    cases that are not there, --init weights that are missing, corrupt or not MRI."""
+    from psc.models.weights import MRI_TISSUE, read_card
+    from psc.pipelines.mri.data import find_pairs
+
+    data = Path(cfg.data)
+    if not data.is_dir():
+        raise InputError(f"--data {data}: no such folder")
+    pairs = find_pairs(data)
+    if not pairs:
+        raise InputError(f"no (image, <stem>_seg) pairs found under {data}")
+    missing = [case for case in cfg.val_cases if case not in {pair.case for pair in pairs}]
+    if missing:
+        raise InputError(f"validation cases not found: {missing} (the cases under {data}: "
+                         f"{', '.join(pair.case for pair in pairs[:8])}{' ...' if len(pairs) > 8 else ''})")
+    if cfg.init:
+        read_card(cfg.init, MRI_TISSUE)
+
+
+def check_em_data(cfg) -> None:
+    """The raw and labels volumes exist and are zarr volumes (read before any training)."""
+    from psc.pipelines.em.volumes import open_volume
+
+    open_volume(cfg.raw)
+    open_volume(cfg.labels)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.pipeline == "em":
+        from psc.pipelines.em.train import EMTrainConfig, train
+
+        cfg = configure(EMTrainConfig, args)
+        check_em_data(cfg)
+    else:
+        from psc.pipelines.mri.train import TrainConfig, train
+
+        cfg = configure(TrainConfig, args)
+        check_mri_data(cfg)
+    keep_freed_memory()
     train(cfg, resume=args.resume)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="psc-train", description=__doc__)
-    sub = parser.add_subparsers(dest="pipeline", required=True)
-    _mri_parser(sub)
-    _em_parser(sub)
-    args = parser.parse_args(argv)
-    keep_freed_memory()
-    try:
-        if args.pipeline == "em":
-            return _train_em(args)
-        from psc.pipelines.mri.train import TrainConfig, train
-
-        cfg = TrainConfig(data=args.data, out=args.out, conv=args.conv, options=json.loads(args.options),
-                          val_cases=args.val, iterations=args.iterations, val_every=args.val_every,
-                          batch=args.batch, patch=tuple(args.patch), lr=args.lr, seed=args.seed,
-                          threads=args.threads, export=args.export, data_source=args.data_source,
-                          data_terms=args.data_terms, warmup=args.warmup, init=args.init,
-                          precision=args.precision)
-        train(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError, WeightsError) as error:
-        print(f"psc-train: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_guarded(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -17,42 +17,36 @@ from typing import Any, Callable
 
 import numpy as np
 
+from psc.models.weights import EM_AFFINITY, MRI_TISSUE, read_card  # read_card: the verified card (sha256)
+from psc.pipelines.em.options import FALLBACK_THRESHOLD, EMRunOptions
+from psc.utils.errors import InputError
+
 Progress = Callable[[int, int, str], None]
+KIND_NAMES = {MRI_TISSUE: "MRI tissue", EM_AFFINITY: "EM affinity"}
 
 
 def default_weights(pipeline: str) -> Path:
-    if pipeline == "em":
-        from psc.app.segment_em import DEFAULT_EM_WEIGHTS
+    """The shipped weights of pipeline ``mri`` or ``em`` (``psc.models.shipped``)."""
+    from psc.models.shipped import default_weights as shipped
 
-        return DEFAULT_EM_WEIGHTS
-    from psc.app.segment import DEFAULT_WEIGHTS
-
-    return DEFAULT_WEIGHTS
-
-
-def read_card(weights: str | Path):
-    from psc.models.weights import ModelCard, card_path
-    from psc.utils.errors import InputError
-
-    weights = Path(weights)
-    if not weights.is_file():
-        raise InputError(f"weights not found: {weights}")
-    try:
-        return ModelCard.from_json(card_path(weights))
-    except (OSError, ValueError, TypeError) as error:
-        raise InputError(f"{weights}: no readable model card beside it ({error})") from None
+    return shipped(EM_AFFINITY if pipeline == "em" else MRI_TISSUE).path
 
 
 def is_em_card(card) -> bool:
-    return card.backbone == "unet3d" and card.out_channels == 3
+    return card.kind == EM_AFFINITY
+
+
+def _wrong_kind(weights: str | Path, card, wanted: str) -> InputError:
+    other = "MRI" if wanted == EM_AFFINITY else "EM"
+    return InputError(f"{Path(weights).name} is an {KIND_NAMES.get(card.kind, card.kind)} model ({card.kind}), "
+                      f"not an {KIND_NAMES[wanted]} model; pick the {other} pipeline or another model")
 
 
 def segment_mri(data: Any, affine: np.ndarray, weights: str | Path, device: str = "auto",
                 progress: Progress | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """(labels on the image's grid, label names) for a 3-D T1 image."""
-    from psc.models.weights import load_weights
-    from psc.utils.errors import InputError
-    from psc.pipelines.mri.inference import resolve_device, segment_scan
+    from psc.pipelines.inference import load_network
+    from psc.pipelines.mri.inference import segment_scan
     from psc.pipelines.mri.io import Scan
 
     array = np.asarray(data)
@@ -60,41 +54,43 @@ def segment_mri(data: Any, affine: np.ndarray, weights: str | Path, device: str 
         raise InputError(f"the MRI pipeline segments 3-D images; this layer is {array.ndim}-D")
     if not np.any(array):
         raise InputError("the image is empty (every voxel is zero)")
-    if is_em_card(read_card(weights)):
-        raise InputError(f"{Path(weights).name} is an EM affinity model; pick the EM pipeline or an MRI model")
-    resolve_device(device)
-    model, card = load_weights(weights)
+    card = read_card(weights)
+    if card.kind != MRI_TISSUE:
+        raise _wrong_kind(weights, card, MRI_TISSUE)
+    network = load_network(weights, MRI_TISSUE, device)  # sha256 and kind checked, fused, on its device
     scan = Scan(Path("napari-layer"), array, np.asarray(affine, dtype=np.float64))
     on_window = (lambda done, total: progress(done, total, f"window {done}/{total}")) if progress else None
-    segmentation = segment_scan(scan, model, card, device=device, on_window=on_window)
-    return segmentation.labels, dict(card.labels)
+    segmentation = segment_scan(scan, network, network.card, on_window=on_window)
+    return segmentation.labels, dict(network.card.labels)
 
 
 def write_raw(data: Any, voxel_size, offset, folder: Path) -> str:
     """A copy of an in-memory image as ``folder/raw.zarr/raw``, for the EM pipeline."""
+    from psc.pipelines.em.blocks import slabs
     from psc.pipelines.em.volumes import create_volume
 
     shape = tuple(int(s) for s in data.shape)
     volume = create_volume(folder / "raw.zarr", "raw", shape, np.dtype(data.dtype), tuple(min(64, s) for s in shape),
                            voxel_size, offset, overwrite=True)
-    for z in range(0, shape[0], 64):
-        volume.array[z:z + 64] = np.asarray(data[z:z + 64])
+    for slab in slabs(shape, volume.array):
+        volume.array[slab] = np.asarray(data[slab])
     return str(folder / "raw.zarr" / "raw")
 
 
 def segment_em(raw: str | None, out: str | Path | None, weights: str | Path, device: str = "auto",
                data: Any = None, voxel_size=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0),
-               overwrite: bool = False, block_size=(64, 64, 64), threshold: float = 0.5,
+               overwrite: bool = False, block_size=EMRunOptions.block_size, threshold: float = FALLBACK_THRESHOLD,
                progress: Progress | None = None) -> Path:
     """Run the EM pipeline; returns the run's ``OUT.zarr``. ``raw`` is a zarr array path
     (``RAW.zarr/raw``); without it ``data`` is copied to a temporary container first."""
     from psc.pipelines.em.run import prepare, run
     from psc.pipelines.em.stages import STAGES
-    from psc.utils.errors import InputError
-    from psc.pipelines.mri.inference import resolve_device
+    from psc.pipelines.devices import resolve_device
+    from psc.pipelines.em.layout import default_output
 
-    if not is_em_card(read_card(weights)):
-        raise InputError(f"{Path(weights).name} is not an affinity U-Net for EM; pick the MRI pipeline or an EM model")
+    card = read_card(weights)  # before any work: a corrupt file is one message, not a failure per block
+    if not is_em_card(card):
+        raise _wrong_kind(weights, card, EM_AFFINITY)
     device = str(resolve_device(device))
     folder = None
     if raw is None:
@@ -103,8 +99,7 @@ def segment_em(raw: str | None, out: str | Path | None, weights: str | Path, dev
         folder = Path(tempfile.mkdtemp(prefix="psc-napari-"))
         raw = write_raw(data, voxel_size, offset, folder)
     if out is None:  # beside the raw container, as psc-segment does
-        container = Path(raw).parent
-        out = folder / "out.zarr" if folder else container.with_name(container.name.removesuffix(".zarr") + "_psc.zarr")
+        out = folder / "out.zarr" if folder else default_output(raw)
     out = Path(out)
     if overwrite and out.exists():
         shutil.rmtree(out)

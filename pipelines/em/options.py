@@ -1,0 +1,38 @@
+"""``psc-segment``'s options for an EM volume (``RAW.zarr``), with their defaults: the
+one place they are written (the command line's defaults and ``--help`` are built from
+these fields; block size and thresholds are the run settings' own defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psc.models.weights import ModelCard
+
+from ..options import SegmentOptions, own_options
+from .layout import DEFAULT_THRESHOLDS, RunSettings
+
+FALLBACK_THRESHOLD = 0.5  # for weights whose card has no best validation threshold
+
+
+@dataclass(frozen=True)
+class EMRunOptions(SegmentOptions):
+    workers: int = 1  # worker processes per stage; 0: every block in this process
+    threshold: float | None = None  # of the written segmentation; None: threshold_for(card)
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # whose lookup tables are stored
+    block_size: tuple[int, int, int] = RunSettings.block_size  # block (and chunk) shape in voxels
+    gt: str | None = None  # ground-truth labels (zarr): score every threshold at the end
+    worker_command: str | None = None  # start each worker with this shell command instead
+    host: str | None = None  # the address workers connect to; None: detected
+    spool: bool = False  # post workers under OUT.zarr/.workers/ for psc-worker --serve
+    stage: tuple[str, ...] | None = None  # run only these stages; None: all
+
+
+EM_ONLY = own_options(EMRunOptions)  # options the MRI pipeline refuses
+
+
+def threshold_for(card: ModelCard, threshold: float | None = None) -> float:
+    """``threshold`` if given, else the weights' best validation threshold (their card's
+    ``val_best_threshold``), else ``FALLBACK_THRESHOLD``."""
+    if threshold is not None:
+        return float(threshold)
+    return float(card.metrics.get("val_best_threshold", FALLBACK_THRESHOLD))
