@@ -25,32 +25,35 @@ import argparse
 import sys
 from pathlib import Path
 
-from psc.app.cli import HelpFormatter, run_guarded
+from psc.app.cli import HelpFormatter, add_option, run_guarded
 
 PROG = "psc-convert"
 
 
-class _HelpFormatter(HelpFormatter):
-    """The house formatter, minus "(default: None)" on options without a default."""
+def build_parser() -> argparse.ArgumentParser:
+    import inspect
 
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+    from psc.pipelines.em.convert import convert
 
+    defaults = {name: p.default for name, p in inspect.signature(convert).parameters.items()}  # written once, there
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""),
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("source", metavar="SRC[:DATASET]", help="HDF5, TIFF, TIFF slices, .npy or .npz (see above)")
     parser.add_argument("destination", metavar="DST.zarr", type=Path, help="zarr container (created if missing)")
     parser.add_argument("--voxel-size", nargs=3, type=float, required=True, metavar=("Z", "Y", "X"),
                         help="voxel size in nm (required)")
-    parser.add_argument("--offset", nargs=3, type=float, default=[0.0, 0.0, 0.0], metavar=("Z", "Y", "X"),
+    parser.add_argument("--offset", nargs=3, type=float, default=list(defaults["offset"]), metavar=("Z", "Y", "X"),
                         help="world position of the first voxel in nm")
-    parser.add_argument("--name", help="array name in DST.zarr (default: raw for images, labels for labels)")
-    parser.add_argument("--chunks", nargs=3, type=int, default=[64, 64, 64], metavar=("Z", "Y", "X"),
+    add_option(parser, "--name", help="array name in DST.zarr", default="raw for images, labels for labels")
+    parser.add_argument("--chunks", nargs=3, type=int, default=list(defaults["chunks"]), metavar=("Z", "Y", "X"),
                         help="chunk shape in voxels, clipped to the volume")
     parser.add_argument("--force", action="store_true", help="replace an existing array of that name")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,28 +21,31 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 from rich.console import Console
 from rich.table import Table
 
-from psc.app.cli import HelpFormatter
+from psc.app.cli import HelpFormatter, run_guarded
+from psc.pipelines.mri.config import LABELS
 from psc.utils.errors import InputError
 
 
 PROG = "psc-eval"
-DEFAULT_NAMES = {1: "CSF", 2: "GM", 3: "WM"}
+DEFAULT_NAMES = {index: name for index, name in LABELS.items() if index != 0}  # the tissue classes
 
 
 def pair_files(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
     from psc.pipelines.mri.io import is_scan_file, scan_stem
+    from psc.pipelines.mri.outputs import role, subject_stem
 
     if pred.is_file() and truth.is_file():
-        return [(scan_stem(pred).removesuffix("_dseg"), pred, truth)]
+        return [(subject_stem(pred), pred, truth)]
     if not (pred.is_dir() and truth.is_dir()):
         raise InputError("give two files or two folders")
     by_stem = {scan_stem(t): t for t in sorted(truth.rglob("*")) if is_scan_file(t)}
     pairs = []
-    for p in sorted(q for q in pred.rglob("*_dseg.*") if is_scan_file(q)):
-        stem = scan_stem(p).removesuffix("_dseg")
+    for p in sorted(q for q in pred.rglob("*") if is_scan_file(q) and role(q) == "dseg"):
+        stem = subject_stem(p)
         # A label file beats the scan itself, which shares the bare stem.
         match = next((by_stem[c] for c in (f"{stem}_seg", f"{stem}_dseg", f"{stem}_labels", stem) if c in by_stem),
                      None)
@@ -69,7 +72,7 @@ def score(pred_path: Path, truth_path: Path, names: dict[int, str]) -> dict:
         if not np.array_equal(scan.array, np.round(scan.array)) or scan.array.min() < 0:
             raise InputError(f"{scan.path.name} is not a label map (it has negative or fractional voxels)")
     p, t = pred.array.astype(np.int64), truth.array.astype(np.int64)
-    spacing = np.sqrt((pred.affine[:3, :3] ** 2).sum(0))
+    spacing = voxel_sizes(pred.affine)
     dice = dice_per_class(p, t, names)
     present = [v for v in dice.values() if not math.isnan(v)]
     return {"dice": {names[c]: v for c, v in dice.items()},
@@ -89,28 +92,42 @@ def _nan_to_none(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""),
                                      formatter_class=HelpFormatter)
     parser.add_argument("pred", type=Path)
     parser.add_argument("truth", type=Path)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--labels", nargs="+", default=None, metavar="INDEX=NAME",
-                        help="classes to score (default: 1=CSF 2=GM 3=WM)")
-    args = parser.parse_args(argv)
-    if any(part.endswith(".zarr") for part in args.pred.parts):
+                        help="classes to score; without it: " + " ".join(f"{i}={n}" for i, n in DEFAULT_NAMES.items()))
+    return parser
+
+
+def label_names(items: list[str] | None) -> dict[int, str]:
+    """``--labels INDEX=NAME ...`` as a dict (the tissue classes without it)."""
+    if not items:
+        return dict(DEFAULT_NAMES)
+    names = {}
+    for item in items:
+        index, _, name = item.partition("=")
+        if not name or not index.strip().lstrip("-").isdigit():
+            raise InputError(f"--labels takes INDEX=NAME items, not {item!r}")
+        names[int(index)] = name
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(PROG, lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    from psc.pipelines.em.volumes import names_zarr
+
+    if names_zarr(args.pred):
         return _evaluate_em(args)
-    try:
-        names = DEFAULT_NAMES
-        if args.labels:
-            names = {int(k): v for k, v in (item.split("=", 1) for item in args.labels)}
-        results = {case: score(p, t, names) for case, p, t in pair_files(args.pred, args.truth)}
-    except InputError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        print(f"{PROG}: error: --labels takes INDEX=NAME items ({error})", file=sys.stderr)
-        return 2
+    names = label_names(args.labels)
+    results = {case: score(p, t, names) for case, p, t in pair_files(args.pred, args.truth)}
     if args.json:  # NaN (no evidence) as null: strict JSON that jq and browsers accept
         print(json.dumps(_nan_to_none(results), indent=2, allow_nan=False))
         return 0
@@ -135,14 +152,10 @@ def _evaluate_em(args: argparse.Namespace) -> int:
     from psc.pipelines.em.evaluate import evaluate_run, evaluate_volume, format_table
     from psc.pipelines.em.layout import GRAPH_FILE
 
-    try:
-        if (args.pred / GRAPH_FILE).is_file():
-            results = evaluate_run(str(args.pred), str(args.truth), progress=sys.stderr.isatty())
-        else:
-            results = {"segmentation": evaluate_volume(str(args.pred), str(args.truth), progress=sys.stderr.isatty())}
-    except InputError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    if (args.pred / GRAPH_FILE).is_file():
+        results = evaluate_run(str(args.pred), str(args.truth), progress=sys.stderr.isatty())
+    else:
+        results = {"segmentation": evaluate_volume(str(args.pred), str(args.truth), progress=sys.stderr.isatty())}
     if args.json:
         print(json.dumps({str(k): v for k, v in results.items()}, indent=2))
     elif "segmentation" in results:

@@ -8,7 +8,11 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from psc.models import STANDARD_CONVS, build_model, list_models, measure, model_defaults
+from psc.app.cli import HelpFormatter, run_guarded
+from psc.models import STANDARD_CONVS, build_model, list_models, make_conv, measure, model_defaults
+from psc.utils.errors import InputError
+
+PROG = "psc-models"
 
 # Small, fast-to-measure configurations; the ratios between conv types are what the
 # table is for. Options are printed under the table so the numbers can be reproduced.
@@ -48,18 +52,35 @@ def build_rows(models: list[str], convs: list[str], receptive: bool) -> list[dic
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="psc-models", description=__doc__)
-    parser.add_argument("--models", nargs="+", default=None, help=f"backbones (default: all of {list_models()})")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list_models(), help="backbones")
     parser.add_argument("--convs", nargs="+", default=list(STANDARD_CONVS), help="conv types, first is the ratio base")
     parser.add_argument("--no-receptive-field", action="store_true", help="skip the (slower) receptive field probe")
-    args = parser.parse_args(argv)
-    models = args.models or list_models()
-    try:
-        rows = build_rows(models, args.convs, not args.no_receptive_field)
-    except ValueError as error:
-        print(f"psc-models: error: {error}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def check_names(models: list[str], convs: list[str]) -> None:
+    """Unknown backbones or conv types are the user's mistake: one line, before any work."""
+    unknown = [name for name in models if name not in list_models()]
+    if unknown:
+        raise InputError(f"unknown model {unknown[0]!r}; available: {', '.join(list_models())}")
+    for conv in convs:
+        try:
+            make_conv(conv)
+        except ValueError as error:  # the conv registry's own message: what the names look like
+            raise InputError(str(error)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(PROG, lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    models = args.models
+    check_names(models, args.convs)
+    rows = build_rows(models, args.convs, not args.no_receptive_field)
     table = Table(title="psc backbones x convolution types")
     for column in ("model", "conv", "parameters", "MACs / output voxel", "receptive field (z,y,x)",
                    f"params / {args.convs[0]}", f"MACs / {args.convs[0]}"):

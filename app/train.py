@@ -26,7 +26,8 @@ def _run_arguments(p: argparse.ArgumentParser, config: type) -> None:
     """What every training run takes: seed, threads, resume, export and the data's card."""
     default = partial(option_default, config)
     p.add_argument("--seed", type=int, default=default("seed"), help="random seed (sampling, initialisation)")
-    p.add_argument("--threads", type=int, default=default("threads"), help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=default("threads"),
+                   help="torch CPU threads (0: as many as torch picks)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--export", default=default("export"), help="write the best weights + model card here at the end")
     p.add_argument("--data-source", default=default("data_source"),
@@ -95,6 +96,12 @@ def configure(config: type, args: argparse.Namespace):
         raise InputError(f"--options is not JSON ({error})") from None
     if not isinstance(options, dict):
         raise InputError(f"--options must be a JSON object of backbone options, not {args.options}")
+    from psc.models import make_conv
+
+    try:
+        make_conv(args.conv)
+    except ValueError as error:  # the conv registry's message says what the names look like
+        raise InputError(f"--conv: {error}") from None
     names = {item.name for item in fields(config)}
     values = {name: tuple(value) if name == "patch" else value for name, value in vars(args).items() if name in names}
     return config(**{**values, "options": options})

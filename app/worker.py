@@ -19,37 +19,42 @@ import os
 import sys
 from pathlib import Path
 
-from psc.app.cli import HelpFormatter
+from psc.app.cli import HelpFormatter, add_option, run_guarded
 from psc.pipelines.allocator import keep_freed_memory
+from psc.utils.errors import InputError
+
+PROG = "psc-worker"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("out", help="the run's OUT.zarr (as this machine sees it)")
+    add_option(parser, "--context", help="daisy context string", default="$DAISY_CONTEXT")
+    parser.add_argument("--serve", action="store_true", help="serve the workers of a psc-segment --spool run "
+                        "until it is finished")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="psc-worker", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("out", help="the run's OUT.zarr (as this machine sees it)")
-    parser.add_argument("--context", help="daisy context string (default: $DAISY_CONTEXT)")
-    parser.add_argument("--serve", action="store_true", help="serve the workers of a psc-segment --spool run "
-                        "until it is finished")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.serve and args.context:
+        parser.error("--serve takes its contexts from the run; leave out --context")
     keep_freed_memory()
+    return run_guarded(PROG, lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     if args.serve:
-        if args.context:
-            parser.error("--serve takes its contexts from the run; leave out --context")
         if not str(args.out).endswith(".zarr") or not Path(args.out).parent.is_dir():
-            print(f"psc-worker: error: {args.out}: not a .zarr output in an existing folder", file=sys.stderr)
-            return 2
+            raise InputError(f"{args.out}: not a .zarr output in an existing folder")
         from psc.pipelines.em.spool import serve as serve_spool
 
-        try:
-            return serve_spool(args.out, say=lambda line: print(line, flush=True))
-        except KeyboardInterrupt:
-            print("psc-worker: interrupted", file=sys.stderr)
-            return 130
+        return serve_spool(args.out, say=lambda line: print(line, flush=True))
     if args.context:
         os.environ["DAISY_CONTEXT"] = args.context
     if "DAISY_CONTEXT" not in os.environ:
-        print("psc-worker: error: no DAISY_CONTEXT: start me from a psc-segment --worker-command, "
-              "or use --serve", file=sys.stderr)
-        return 2
+        raise InputError("no DAISY_CONTEXT: start me from a psc-segment --worker-command, or use --serve")
     import daisy
 
     from psc.pipelines.em.stages import serve, stage_named
@@ -57,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         task_id = daisy.Context.from_env()["task_id"]
     except (KeyError, ValueError) as error:
-        print(f"psc-worker: error: DAISY_CONTEXT is not a daisy context ({error})", file=sys.stderr)
-        return 2
+        raise InputError(f"DAISY_CONTEXT is not a daisy context ({error})") from None
     stage = stage_named(task_id)
     if stage is None or not stage.blockwise:
         print(f"psc-worker: error: unknown task {task_id!r}", file=sys.stderr)
