@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .complexity import count_parameters
 from .conv_registry import ConvBuilder, make_conv
 
 
@@ -48,10 +49,6 @@ class ReplacementReport:
                   f"({r.params_before:,} -> {r.params_after:,})" for r in self.replaced]
         lines += [f"  kept {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _why_not(conv: nn.Conv3d, builder: ConvBuilder) -> str | None:
@@ -91,5 +88,6 @@ def replace_conv3d(module: nn.Module, conv: str | ConvBuilder = "p2sc2") -> Repl
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, attr, new)
-        report.replaced.append(Replacement(name, old.in_channels, old.out_channels, stride, _count(old), _count(new)))
+        report.replaced.append(Replacement(name, old.in_channels, old.out_channels, stride, count_parameters(old),
+                                           count_parameters(new)))
     return report

@@ -95,7 +95,9 @@ def save_weights(model: nn.Module, card: ModelCard, path: str | Path) -> ModelCa
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-    card.parameters = sum(p.numel() for p in model.parameters())
+    from .complexity import count_parameters
+
+    card.parameters = count_parameters(model)
     card.sha256 = sha256_of(path)
     text = json.dumps(asdict(card), indent=2, default=list) + "\n"
     atomic_write(card_path(path), lambda tmp: Path(tmp).write_text(text))
