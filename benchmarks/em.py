@@ -22,15 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("predict", "fragments", "edges", "merge", "relabel")
-
-
 def one_case(raw: str, out: str, weights: str, workers: int, block: int, precision: str) -> dict:
-    from psc.pipelines.em.run import prepare, run
+    from psc.pipelines.em.run import STAGE_NAMES, prepare, run
 
     prepare(raw, out, weights, block_size=(block,) * 3, workers=workers, precision=precision)
     seconds = {}
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         started = time.perf_counter()
         run(out, workers=workers, stages=(stage,), progress=False)
         seconds[stage] = time.perf_counter() - started
@@ -52,7 +49,8 @@ def make_raw(folder: Path, size: int) -> str:
 
 
 def main() -> None:
-    from psc.app.segment_em import DEFAULT_EM_WEIGHTS
+    from psc.models.shipped import ShippedWeights
+    from psc.pipelines.em.run import STAGE_NAMES
 
     from machine import machine_line  # benchmarks/, first on sys.path
 
@@ -60,7 +58,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 320])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--weights", default=str(DEFAULT_EM_WEIGHTS))
+    parser.add_argument("--weights", default=str(ShippedWeights.EM_AFFINITY.value.path))
     parser.add_argument("--precision", nargs="+", default=["fp32"], help="fp32, bf16, fp16 or auto, each a row")
     parser.add_argument("--one", nargs=4, metavar=("RAW", "OUT", "WORKERS", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--make", nargs=2, metavar=("FOLDER", "SIZE"), help=argparse.SUPPRESS)
@@ -91,13 +89,13 @@ def main() -> None:
                     print(f"done {size}^3 with {workers} worker(s), {precision}", file=sys.stderr, flush=True)
 
     print(f"{machine_line()}; block {args.block}^3; weights {Path(args.weights).name}")
-    header = ["volume", "workers", "precision"] + [f"{s} Mvox/s" for s in STAGES] + [
+    header = ["volume", "workers", "precision"] + [f"{s} Mvox/s" for s in STAGE_NAMES] + [
         "total s", "worker peak MB", "scheduler peak MB"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for size, workers, precision, case in rows:
         voxels = size**3
-        speeds = [f"{voxels / case['seconds'][s] / 1e6:.2f}" for s in STAGES]
+        speeds = [f"{voxels / case['seconds'][s] / 1e6:.2f}" for s in STAGE_NAMES]
         total = sum(case["seconds"].values())
         print(f"| {size}^3 | {workers} | {precision} | " + " | ".join(speeds)
               + f" | {total:.0f} | {case['worker_peak_mb']:.0f} | {case['scheduler_peak_mb']:.0f} |")

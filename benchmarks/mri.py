@@ -32,11 +32,13 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from psc.app.segment import DEFAULT_WEIGHTS, window_size  # noqa: E402
-from psc.models.weights import load_weights  # noqa: E402
+from psc.app.segment import window_size  # noqa: E402
+from psc.models.shipped import ShippedWeights  # noqa: E402
+from psc.models.weights import MRI_TISSUE, load_weights  # noqa: E402
 from psc.pipelines.mri.inference import segment_scan  # noqa: E402
 from psc.pipelines.mri.io import read_scan  # noqa: E402
 from psc.pipelines.mri.metrics import dice_per_class  # noqa: E402
+from psc.pipelines.mri.options import MRISegmentOptions  # noqa: E402
 from psc.pipelines.mri.sample import sample_t1_path  # noqa: E402
 from psc.pipelines.precision import PRECISIONS  # noqa: E402
 
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", nargs="+", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--overlap", type=float, default=MRISegmentOptions.overlap)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS)
     parser.add_argument("--window", nargs="+", type=window_size, default=[None], help="auto, N or Z,Y,X")
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     scans = args.scans or default_scans()
-    weights = args.weights or [DEFAULT_WEIGHTS, *sorted((ROOT / "benchmarks" / "weights").glob("mri_*.pt"))]
+    weights = args.weights or [ShippedWeights.MRI_TISSUE.value.path, *sorted((ROOT / "benchmarks" / "weights").glob("mri_*.pt"))]
     console = Console(width=230)
     console.print(f"{machine_line(args.device)}; overlap {args.overlap}")
     table = Table(title="whole-scan MRI segmentation (read -> labels on the input grid)")
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
                    "command s", "Dice CSF", "Dice GM", "Dice WM", "Dice mean"):
         table.add_column(column, justify="left" if column in ("weights", "conv", "scan", "precision") else "right")
     for path in weights:
-        model, card = load_weights(path)
+        model, card = load_weights(path, kind=MRI_TISSUE)  # sha256 and kind checked
         for precision in args.precision:
             for window in args.window:
                 for scan_path in scans:
