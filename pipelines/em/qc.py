@@ -24,10 +24,9 @@ def _colours(labels: np.ndarray) -> np.ndarray:
 
 
 def qc_png(out: str | Path, z: int | None = None) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (Agg canvas), not pyplot, as the MRI QC picture: no global backend
+    # switch (a napari process keeps its Qt backend), no figure registry to leak.
+    from matplotlib.figure import Figure
 
     settings = layout.RunSettings.load(out)
     raw = open_volume(settings.raw, settings.raw_name)
@@ -35,7 +34,8 @@ def qc_png(out: str | Path, z: int | None = None) -> bytes:
     section = raw.array[z]
     affinities = open_volume(out, layout.AFFINITIES).array[:, z].astype(np.float32) / 255
     segmentation = open_volume(out, layout.SEGMENTATION).array[z]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    fig = Figure(figsize=(12, 4.4))
+    axes = fig.subplots(1, 3)
     axes[0].imshow(section, cmap="gray")
     axes[0].set_title(f"raw, z = {z}")
     axes[1].imshow(np.moveaxis(affinities, 0, -1))
@@ -48,7 +48,6 @@ def qc_png(out: str | Path, z: int | None = None) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
     return buffer.getvalue()
 
 
