@@ -46,11 +46,18 @@ from .pmscn import PmSCn
 _POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
+# oneDNN's bf16 convolutions need AVX512 (BW/VL/DQ) or AVX-NE-CONVERT; on other CPUs
+# (e.g. an AVX2-only AMD EPYC) the kernel refuses bf16 inputs, so there the fused
+# modules run bf16 through the ordinary ops, which emulate it.
+_KERNEL_DTYPES = (torch.float32,) + (
+    (torch.bfloat16,) if bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()) else ())
+
+
 def _onednn_applies(x: torch.Tensor) -> bool:
     """Whether the oneDNN kernel may run on ``x`` (the conditions both modules share)."""
     return (_POINTWISE is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()  # inductor fuses on its own
-            and x.dtype in (torch.float32, torch.bfloat16))
+            and x.dtype in _KERNEL_DTYPES)
 
 
 class ConvReLU3d(nn.Module):
@@ -69,7 +76,7 @@ class ConvReLU3d(nn.Module):
             return F.relu(self.conv(x))
         # Under autocast the kernel must be handed what autocast would have used.
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if dtype not in (torch.float32, torch.bfloat16):
+        if dtype not in _KERNEL_DTYPES:
             return F.relu(self.conv(x))
         conv = self.conv
         bias = None if conv.bias is None else conv.bias.to(dtype)
