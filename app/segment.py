@@ -33,8 +33,6 @@ from psc.utils.errors import InputError
 
 
 PROG = "psc-segment"
-# The shipped MRI model (the registry's record; kept as a name for older callers).
-DEFAULT_WEIGHTS = ShippedWeights.MRI_TISSUE.value.path
 MRI_GROUP = "MRI pipeline (scans)"
 PIPELINES = {"mri": "the MRI pipeline (scans)", "em": "the EM pipeline (RAW.zarr inputs)"}
 

@@ -12,13 +12,11 @@ from rich.console import Console
 
 from psc.app.cli import add_option, filled
 from psc.models.shipped import ShippedWeights
-from psc.pipelines.em.layout import default_output  # noqa: F401  (psc-segment's EM output name)
+from psc.pipelines.em.layout import default_output
 from psc.pipelines.em.options import FALLBACK_THRESHOLD, EMRunOptions
 from psc.pipelines.options import option_default
 from psc.utils.errors import InputError
 
-# The shipped EM model (the registry's record; kept as a name for older callers).
-DEFAULT_EM_WEIGHTS = ShippedWeights.EM_AFFINITY.value.path
 EM_GROUP = "EM pipeline (RAW.zarr inputs)"
 
 

@@ -267,7 +267,7 @@ def test_qc_picture_shows_the_section(serial_run):
 
 
 def test_default_output_sits_beside_the_input_container():
-    from psc.app.segment_em import default_output
+    from psc.pipelines.em.layout import default_output
 
     assert default_output(Path("data/fib.zarr")) == Path("data/fib_psc.zarr")
     assert default_output(Path("data/fib.zarr/raw")) == Path("data/fib_psc.zarr")

@@ -21,7 +21,7 @@ from psc.pipelines.em.fragments import ID_BITS, fragment_block, globalise
 from psc.pipelines.em.run import STAGE_NAMES, prepare, run
 from psc.pipelines.em.stages import STAGES, Array, Stage, stage_named, stage_table
 
-from em_fixtures import synthetic_raw
+from em_fixtures import synthetic_raw, tiny_weights
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "em.md"
 BLOCK = (16, 24, 20)
@@ -110,7 +110,7 @@ def test_docs_list_the_declared_stages_in_order():
 
 def test_prepare_creates_exactly_the_declared_arrays(raw, tmp_path):
     out = tmp_path / "out.zarr"
-    prepare(str(raw), out, tmp_path / "weights.pt", block_size=BLOCK)
+    prepare(str(raw), out, tiny_weights(tmp_path), block_size=BLOCK)
     group = zarr.open_group(str(out), mode="r")
     declared = _declared_arrays(STAGES)
     assert set(group.array_keys()) == set(declared) == {layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION}
@@ -128,7 +128,7 @@ def test_a_stage_added_to_the_table_reaches_every_consumer(with_census, raw, tmp
     assert stage_named("census").name == "census"  # how psc-worker finds a task's stage
 
     out = tmp_path / "census.zarr"
-    prepare(str(raw), out, tmp_path / "weights.pt", block_size=BLOCK)
+    prepare(str(raw), out, tiny_weights(tmp_path), block_size=BLOCK)
     group = zarr.open_group(str(out), mode="r")
     assert set(group.array_keys()) == set(_declared_arrays(em_stages.STAGES)) and group["census"].shape[0] == 2
 
@@ -155,7 +155,7 @@ def test_a_stage_added_to_the_table_reaches_every_consumer(with_census, raw, tmp
 
 def test_the_block_function_pickles_without_its_state(with_census, raw, tmp_path):
     out = tmp_path / "pickle.zarr"
-    prepare(str(raw), out, tmp_path / "weights.pt", block_size=BLOCK)
+    prepare(str(raw), out, tiny_weights(tmp_path), block_size=BLOCK)
     function = stage_named("census").block_function(out)
 
     from funlib.geometry import Roi

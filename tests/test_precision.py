@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from psc.app.segment import DEFAULT_WEIGHTS
+from psc.models.shipped import ShippedWeights
+
+DEFAULT_WEIGHTS = ShippedWeights.MRI_TISSUE.value.path
+DEFAULT_EM_WEIGHTS = ShippedWeights.EM_AFFINITY.value.path
 from psc.models.weights import load_weights
 from psc.utils.errors import InputError
 from psc.pipelines.mri.inference import segment_scan
@@ -141,7 +144,6 @@ def em_vi(tmp_root: str, device: str, precision: str) -> float:
     """Best VI over thresholds of the full blockwise EM pipeline with the shipped model."""
     from pathlib import Path
 
-    from psc.app.segment_em import DEFAULT_EM_WEIGHTS
     from psc.pipelines.em.evaluate import evaluate_run
     from psc.pipelines.em.run import prepare, run
     from psc.pipelines.em.synthetic import make_em_volume

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psc.app.segment_em import DEFAULT_EM_WEIGHTS
+from psc.models.shipped import ShippedWeights
+
+DEFAULT_EM_WEIGHTS = ShippedWeights.EM_AFFINITY.value.path
 from psc.models.weights import load_weights
 from psc.pipelines.em.baseline import baseline_segmentation
 from psc.pipelines.em.evaluate import evaluate_run

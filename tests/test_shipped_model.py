@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from psc.app.segment import DEFAULT_WEIGHTS
+from psc.models.shipped import ShippedWeights
+
+DEFAULT_WEIGHTS = ShippedWeights.MRI_TISSUE.value.path
 from psc.models.weights import load_weights
 from psc.pipelines.mri import config
 
