@@ -1,18 +1,7 @@
 """``psc-view PATH...``: napari with the inputs and their psc outputs already overlaid.
 
-- a scan ``x.nii.gz`` (or .nii, .mgz): the scan, with ``x_probseg.nii.gz`` (hidden) and
-  ``x_dseg.nii.gz`` (tissue labels) from beside it when they exist; a ``_dseg`` or
-  ``_probseg`` file brings its scan and the other outputs the same way;
-- an EM run ``OUT.zarr``: its raw volume (from the run's settings), the affinities
-  (three channels, hidden), fragments (hidden) and the segmentation, plus the raw
-  container's ``labels`` (ground truth, hidden) if it has them; the Threshold widget
-  is docked;
-- a raw container ``RAW.zarr``: its arrays, and the run ``RAW_psc.zarr`` beside it if
-  psc-segment made one (its default output name);
-- ``x.zarr/NAME``: that one array.
-
-EM arrays open lazily: a volume larger than memory opens at once and scrolls.
-``--dry-run`` prints the layers without starting napari.
+What opens for each kind of path is the viewer's business (``psc.plugins.napari.viewer``,
+whose description ``--help`` shows); this command parses its arguments and calls it.
 """
 
 from __future__ import annotations
@@ -29,7 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     from psc.pipelines.mri.options import SAMPLE_OUTPUT
     from psc.plugins.napari.viewer import WIDGETS
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""), formatter_class=HelpFormatter)
+    from psc.plugins.napari import viewer
+
+    what_opens = viewer.__doc__.split("\n\n", 1)[1].replace(":func:", "").replace("``", "").replace("`", "")
+    description = f"{PROG} PATH...: napari with the inputs and their psc outputs already overlaid.\n\n{what_opens}"
+    parser = argparse.ArgumentParser(prog=PROG, description=description, formatter_class=HelpFormatter)
     parser.add_argument("paths", nargs="*", help="scans, psc outputs, EM containers or runs (x.zarr, OUT.zarr)")
     parser.add_argument("--sample", action="store_true", help="open the MNI152 T1 sample (and its outputs from "
                         f"psc-segment --sample, if present in ./{SAMPLE_OUTPUT})")
