@@ -37,6 +37,7 @@ def _run_arguments(p: argparse.ArgumentParser, config: type) -> None:
 
 
 def _mri_parser(sub) -> None:
+    from psc.pipelines.mri.data import AUGMENTATIONS
     from psc.pipelines.mri.train import TrainConfig
 
     default = partial(option_default, TrainConfig)
@@ -56,6 +57,9 @@ def _mri_parser(sub) -> None:
     p.add_argument("--init", default=default("init"), help="start from these weights (.pt with its card): fine-tuning")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=default("precision"),
                    help="bf16: autocast (on an AMX CPU 1.15x faster per step than fp32 for the P2SC2 DenseNet)")
+    p.add_argument("--augmentation", choices=AUGMENTATIONS, default=default("augmentation"),
+                   help="robust: scanner (gamma, contrast, bias field, noise) and resolution (1-2 mm, thick "
+                   "slices) augmentation (pipelines/mri/augment.py); basic: flips and mild intensity changes")
     _run_arguments(p, TrainConfig)
 
 

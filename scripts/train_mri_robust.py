@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from psc.pipelines.allocator import keep_freed_memory  # noqa: E402
-from psc.pipelines.mri.train import EQUAL_PARAMETER_OPTIONS, TrainConfig, train  # noqa: E402
+from psc.pipelines.mri.config import EQUAL_PARAMETER_OPTIONS  # noqa: E402
+from psc.pipelines.mri.train import TrainConfig, train  # noqa: E402
 
 OUT = ROOT / "runs" / "mri-p2sc2-eq-robust"
 CONFIG = TrainConfig(

@@ -29,16 +29,6 @@ from .metrics import dice_per_class
 from .data import (check_augmentation, find_pairs, needs_raw, prepare_case, sampler_input, sampler_state,
                    set_sampler_state, training_transforms)
 
-# The P2SC2 DenseNet with no more parameters than its conv3d twin (issue 13; the paper's
-# MRI claim is PmSCn with fewer parameters). psc's width rule turns each 3x3x3
-# convolution into two 2D convolutions and a 1D one, so the P2SC2 DenseNet at the MRI
-# widths (config.BACKBONE_OPTIONS: 16/8/8) has 821,879 parameters, 1.51x conv3d's
-# 544,660. Scaling init_channels, growth_rate and side_channels by one factor, as the
-# benchmarks' equal-parameter rows do (benchmarks/inference.py equal_parameters), the
-# widest network not above conv3d is x0.79: 13/6/6, 479,726 parameters (0.88x, 12 %
-# fewer). The next factor that changes a width (x0.82: 13/7/7) has 610,760.
-# (To move to pipelines/mri/config.py beside BACKBONE_OPTIONS.)
-EQUAL_PARAMETER_OPTIONS = {"init_channels": 13, "growth_rate": 6, "block_layers": (3, 3, 3, 3), "side_channels": 6}
 
 
 @dataclass
