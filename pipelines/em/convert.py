@@ -41,6 +41,8 @@ import numpy as np
 import zarr
 
 from psc.utils.errors import InputError
+
+from .blocks import blocks
 from .volumes import OME_VERSION, Volume, create_volume, open_volume
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -417,11 +419,6 @@ def _commit(destination: Path, partial: Path, name: str) -> None:
 # --------------------------------------------------------------------------- convert
 
 
-def _slabs(depth: int, thickness: int):
-    for z0 in range(0, depth, thickness):
-        yield z0, min(z0 + thickness, depth)
-
-
 def _progress(total: int, description: str, enabled: bool):
     """A tqdm bar on stderr; only on a terminal, so logs and captured output stay clean."""
     from tqdm.auto import tqdm
@@ -504,7 +501,8 @@ def _fill(volume: Volume, data: _Source, dtype: np.dtype, destination: Path, lab
     """Copy chunk-aligned z-slabs, checking every value on the way (memory: one slab)."""
     depth = data.shape[0]
     with _progress(depth, label, progress) as bar:
-        for z0, z1 in _slabs(depth, volume.array.chunks[0]):
+        for (planes,) in blocks((depth,), (volume.array.chunks[0],)):
+            z0, z1 = planes.start, planes.stop
             block = _checked_cast(_read(data, z0, z1), dtype, data.description, z0)
             with _writing(destination):
                 volume.array[z0:z1] = block
