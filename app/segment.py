@@ -97,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                "when it fits, else 96^3 tiles")
     add_option(mri, "--overlap", type=float, default=default("overlap"), help="sliding-window overlap in [0, 1)")
     add_option(mri, "--tta", action="store_true", help="average with the left-right mirrored prediction")
-    add_option(mri, "--mask", type=Path, help="brain mask (same grid) instead of the nonzero voxels")
+    add_option(mri, "--mask", type=Path, help="brain mask (same grid) instead of the nonzero voxels; "
+               "overrides --skull-strip")
+    add_option(mri, "--skull-strip", choices=("auto", "on", "off"), default=default("skull_strip"),
+               help="brain extraction (deepbet) first; auto: only when the scan is not already "
+               "skull-stripped (a constant background around at most 2.6 L); off: the nonzero voxels are the brain")
     add_option(mri, "--probabilities", action="store_true", help="also write <stem>_probseg.nii.gz")
     add_em_arguments(parser)
     return parser
@@ -126,7 +130,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from psc.pipelines.inference import load_network
     from psc.pipelines.mri.inference import segment_scan
     from psc.pipelines.mri.io import read_scan
+    from psc.models.weights import sha256_of
+    from psc.pipelines.mri.brain import BrainStage
     from psc.pipelines.mri.outputs import check_outputs, output_paths, write_outputs
+    from psc.pipelines.mri.plausibility import check as plausibility
     from psc.pipelines.mri.sample import sample_t1_path
 
     inputs = expand_inputs(args.inputs)
@@ -149,6 +156,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     network = load_network(weights, MRI_TISSUE, options.device, options.precision)
     card = network.card
     mask = read_scan(options.mask) if options.mask else None
+    # deepbet on psc's device (cpu unless CUDA was chosen), loaded on the first scan needing it.
+    brain_stage = BrainStage(options.skull_strip, mask, str(network.device))
+    weights_record = {"Path": str(Path(weights).resolve()), "SHA256": card.sha256 or sha256_of(weights)}
+    settings = {"skull_strip": options.skull_strip, "mask": str(options.mask) if options.mask else None,
+                "device": str(network.device), "precision": network.precision, "window": options.window,
+                "overlap": options.overlap, "tta": options.tta}
 
     failures = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -161,31 +174,48 @@ def run(args: argparse.Namespace, console: Console) -> int:
             progress.reset(windows, total=None)
             started = time.perf_counter()
             try:
-                paths = output_paths(path, args.output, options.probabilities)
+                paths = output_paths(path, args.output, options.probabilities, brain_stage.may_extract)
                 check_outputs(paths, options.force)
                 scan = read_scan(path)
-                seg = segment_scan(scan, network, card, overlap=options.overlap, tta=options.tta, mask=mask,
+                brain = brain_stage(scan)
+                if not brain.extracted:
+                    paths.pop("brain_mask", None)
+                seg = segment_scan(scan, network, card, overlap=options.overlap, tta=options.tta, mask=brain.mask,
                                    window=options.window, on_window=on_window)
-                write_outputs(seg, scan, paths, card.labels)
+                brain_array = brain.mask.array if brain.mask is not None else None
+                warnings = plausibility(seg.labels, card.labels, scan.voxel_volume, brain_array)
+                sidecar = {"Sources": [str(Path(path).resolve())], "Weights": weights_record, "Options": settings,
+                           "SkullStrip": brain.record(), "Warnings": warnings}
+                write_outputs(seg, scan, paths, card.labels, brain_array, sidecar)
             except InputError as error:
                 failures += 1
                 print(f"{PROG}: error: {error}", file=sys.stderr)
                 progress.advance(task)
                 continue
-            report(console, path, paths, seg, card.labels, scan.voxel_volume, time.perf_counter() - started)
+            for warning in warnings:  # never silently wrong: stderr, and the _dseg.json sidecar
+                print(f"{PROG}: warning: {path.name}: {warning}", file=sys.stderr)
+            report(console, path, paths, seg, card.labels, scan.voxel_volume, time.perf_counter() - started, brain)
             progress.advance(task)
     return 1 if failures else 0
 
 
 def report(console: Console, path: Path, paths: dict[str, Path], seg, names: dict[int, str],
-           voxel_volume: float, seconds: float) -> None:
+           voxel_volume: float, seconds: float, brain=None) -> None:
     """Per scan: where its outputs went, the tissue volumes, how long it took and how
-    the network ran (precision, windows), since both change the time."""
+    the network ran (precision, windows), since both change the time; and the brain
+    step: whether psc extracted the brain (and its volume, and why)."""
     counts = np.bincount(seg.labels.ravel(), minlength=max(names) + 1)
     volumes = ", ".join(f"{name} {counts[i] * voxel_volume / 1000:.1f} ml" for i, name in names.items() if i)
     windows = f"{seg.windows} window{'s' if seg.windows != 1 else ''}"
     console.print(f"{path.name}: {seconds:.1f} s ({seg.precision}, {windows}); {volumes}", highlight=False,
                   soft_wrap=True)
+    if brain is not None:
+        if brain.extracted:
+            litres = int((brain.mask.array > 0).sum()) * voxel_volume / 1e6
+            step = f"brain extracted (deepbet, {brain.seconds:.1f} s): {litres:.2f} L; {brain.decision.reason}"
+        else:
+            step = f"no brain extraction: {brain.decision.reason}"
+        console.print(f"  {step}", highlight=False, soft_wrap=True)
     for output in paths.values():
         console.print(f"  {output}", highlight=False, soft_wrap=True)
 

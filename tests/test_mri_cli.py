@@ -29,8 +29,9 @@ def test_end_to_end_outputs(scan, weights, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "sub-01_T1w_dseg.nii.gz" in printed and "sub-01_T1w_qc.png" in printed and " ml" in printed
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["sub-01_T1w_dseg.nii.gz", "sub-01_T1w_dseg.tsv", "sub-01_T1w_probseg.nii.gz",
-                     "sub-01_T1w_qc.png", "sub-01_T1w_volumes.tsv"]
+    assert names == ["sub-01_T1w_dseg.json", "sub-01_T1w_dseg.nii.gz", "sub-01_T1w_dseg.tsv",
+                     "sub-01_T1w_probseg.nii.gz", "sub-01_T1w_qc.png", "sub-01_T1w_volumes.tsv"]
+    names = names[1:]  # the sidecar: test_sidecar_records_the_run
     import nibabel as nib
 
     src, dseg, prob = (nib.load(str(p)) for p in (scan, out / names[0], out / names[2]))

@@ -16,7 +16,8 @@ class MRISegmentOptions(SegmentOptions):
     window: tuple[int, int, int] | None = None  # sliding window in model voxels; None: auto (inference.choose_window)
     overlap: float = 0.25  # sliding-window overlap, in [0, 1)
     tta: bool = False  # average with the left-right mirrored prediction
-    mask: Path | None = None  # brain mask on the scan's grid; None: the nonzero voxels
+    mask: Path | None = None  # brain mask on the scan's grid; overrides skull_strip
+    skull_strip: str = "auto"  # auto (brain.is_skull_stripped decides), on (deepbet), off (the nonzero voxels)
     probabilities: bool = False  # also write <stem>_probseg.nii.gz
 
 

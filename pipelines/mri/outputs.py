@@ -26,14 +26,19 @@ if TYPE_CHECKING:
     from .inference import Segmentation
 
 OUTPUT_SUFFIXES = {"dseg": "_dseg.nii.gz", "dseg_tsv": "_dseg.tsv", "volumes": "_volumes.tsv", "qc": "_qc.png",
-                   "probseg": "_probseg.nii.gz"}
+                   "probseg": "_probseg.nii.gz", "sidecar": "_dseg.json", "brain_mask": "_desc-brain_mask.nii.gz"}
 ROLES = ("dseg", "probseg")  # the label-like outputs; anything else is an image (a scan)
+BRAIN_MASK_STEM = "_desc-brain_mask"  # BIDS derivative: the brain mask psc extracted
 
 
-def output_paths(scan_path: Path, out_dir: Path | None, probabilities: bool) -> dict[str, Path]:
+def output_paths(scan_path: Path, out_dir: Path | None, probabilities: bool,
+                 brain_mask: bool = False) -> dict[str, Path]:
+    """Every output of one scan; ``probseg`` with ``probabilities``, ``brain_mask`` when
+    psc may extract the brain (``write_outputs`` skips it when it did not)."""
     stem = scan_stem(scan_path)
     folder = Path(out_dir) if out_dir is not None else Path(scan_path).parent
-    keys = [key for key in OUTPUT_SUFFIXES if probabilities or key != "probseg"]
+    keys = [key for key in OUTPUT_SUFFIXES
+            if (probabilities or key != "probseg") and (brain_mask or key != "brain_mask")]
     return {key: folder / f"{stem}{OUTPUT_SUFFIXES[key]}" for key in keys}
 
 
@@ -44,8 +49,8 @@ def role(path: str | Path) -> str:
 
 
 def is_output(path: str | Path) -> bool:
-    """A label map or probability map psc wrote (not a scan to segment)."""
-    return role(path) != "image"
+    """A label map, probability map or brain mask psc wrote (not a scan to segment)."""
+    return role(path) != "image" or scan_stem(path).endswith(BRAIN_MASK_STEM)
 
 
 def subject_stem(path: str | Path) -> str:
@@ -114,21 +119,53 @@ def check_outputs(paths: dict[str, Path], force: bool) -> None:
         raise InputError(f"cannot write to output folder {folder}: {error.strerror or error}") from None
 
 
-def volumes_table(labels: np.ndarray, names: dict[int, str], voxel_volume: float) -> str:
+BRAIN_ROW = "brain"  # the _volumes.tsv row of the brain mask (intracranial volume); index n/a: not a label
+
+
+def volumes_table(labels: np.ndarray, names: dict[int, str], voxel_volume: float,
+                  brain: np.ndarray | None = None) -> str:
+    """One row a tissue label; with ``brain`` (the mask psc extracted or was given) a last
+    row ``n/a  brain``: the intracranial volume, which the label rows do not sum to."""
     counts = np.bincount(labels.ravel(), minlength=max(names) + 1)
     rows = ["index\tname\tvoxels\tvolume_mm3"]
     rows += [f"{i}\t{name}\t{counts[i]}\t{counts[i] * voxel_volume:.1f}" for i, name in names.items() if i != 0]
+    if brain is not None:
+        voxels = int((np.asarray(brain) > 0).sum())
+        rows.append(f"n/a\t{BRAIN_ROW}\t{voxels}\t{voxels * voxel_volume:.1f}")
     return "\n".join(rows) + "\n"
 
 
-def write_outputs(seg: Segmentation, scan: Scan, paths: dict[str, Path], names: dict[int, str]) -> None:
+def sidecar_json(metadata: dict) -> str:
+    """The ``_dseg.json`` text (BIDS derivatives sidecar): ``metadata`` with psc's
+    ``GeneratedBy`` record first."""
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        psc_version = version("psc")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        psc_version = "unknown"
+    record = {"GeneratedBy": [{"Name": "psc", "Version": psc_version}], **metadata}
+    return json.dumps(record, indent=2, default=str) + "\n"
+
+
+def write_outputs(seg: Segmentation, scan: Scan, paths: dict[str, Path], names: dict[int, str],
+                  brain: np.ndarray | None = None, sidecar: dict | None = None) -> None:
+    """Every output in ``paths``, each atomically. ``brain``: the brain mask used (on the
+    scan's grid), outlined in the QC picture and its volume added to ``_volumes.tsv``;
+    written as ``_desc-brain_mask.nii.gz`` when ``paths`` names it. ``sidecar``: what
+    ``_dseg.json`` records (options, weights, skull-strip decision, warnings)."""
     next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
     write_nifti(seg.labels, scan, paths["dseg"], dtype=np.uint8)
     write_label_table(names, paths["dseg_tsv"])
-    write_text(volumes_table(seg.labels, names, scan.voxel_volume), paths["volumes"])
+    write_text(volumes_table(seg.labels, names, scan.voxel_volume, brain), paths["volumes"])
     if "probseg" in paths:
         write_nifti(np.moveaxis(seg.probabilities, 0, -1), scan, paths["probseg"], dtype=np.float32)
-    png = qc_png(scan, seg.labels, names)
+    if "brain_mask" in paths and brain is not None:
+        write_nifti((np.asarray(brain) > 0).astype(np.uint8), scan, paths["brain_mask"], dtype=np.uint8)
+    if "sidecar" in paths:
+        write_text(sidecar_json(sidecar or {}), paths["sidecar"])
+    png = qc_png(scan, seg.labels, names, brain)
     atomic_write(paths["qc"], lambda tmp: Path(tmp).write_bytes(png))
 
 
@@ -143,8 +180,10 @@ def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return nib.orientations.apply_orientation(array, to_ras), zooms[ornt[:, 0].argsort()]
 
 
-def qc_png(scan: Scan, labels: np.ndarray, names: dict[int, str]) -> bytes:
-    """Axial, coronal and sagittal slices through the brain centre: the T1 alone above,
+def qc_png(scan: Scan, labels: np.ndarray, names: dict[int, str], brain: np.ndarray | None = None) -> bytes:
+    """Axial, coronal and sagittal slices through the brain's centre of mass (of the
+    brain mask ``brain`` when there is one, else of the labels, else of the nonzero
+    voxels), zoomed to it, with the mask outlined in yellow: the T1 alone above,
     the labels overlaid below (a fill hides the very boundaries one wants to judge),
     in neurological convention (left on the left) with the axis letters drawn and each
     tissue's volume in the legend; enough to catch a flipped or shifted output, a
@@ -156,32 +195,40 @@ def qc_png(scan: Scan, labels: np.ndarray, names: dict[int, str]) -> bytes:
 
     image, zooms = _to_ras(scan.array.astype(np.float32), scan.affine)
     label, _ = _to_ras(labels, scan.affine)
-    found = np.argwhere(image != 0)  # zoom in on the brain, leaving room for the letters
+    outline = None if brain is None else _to_ras((np.asarray(brain) > 0).astype(np.uint8), scan.affine)[0]
+    # The brain: the mask, else the labels, else the nonzero voxels (a whole head).
+    region = next(r for r in (outline, label > 0, image != 0, np.ones(image.shape, bool))
+                  if r is not None and np.any(r))
+    found = np.argwhere(region)  # zoom in on the brain, leaving room for the letters
     margin = np.ceil(12.0 / zooms).astype(int)
     box = tuple(slice(max(lo - m, 0), hi + m + 1) for lo, hi, m in zip(found.min(0), found.max(0), margin))
-    image, label = image[box], label[box]
-    brain = image != 0
-    x, y, z = np.argwhere(brain).mean(0).round().astype(int)
-    low, high = np.percentile(image[brain], [0.5, 99.5])
+    image, label, region = image[box], label[box], region[box]
+    outline = outline[box] if outline is not None else None
+    x, y, z = found.mean(0).round().astype(int) - np.array([b.start for b in box])
+    inside = region & (image != 0) if np.any(region & (image != 0)) else np.ones(image.shape, bool)
+    low, high = np.percentile(image[inside], [0.5, 99.5])
     low = min(low, 0.0)  # a skull-stripped T1: background black, CSF dark, not clipped away
     lut = np.zeros((max(max(names), int(label.max())) + 1, 4), np.float32)  # label -> RGBA
     for index in range(1, len(lut)):
         lut[index] = (*label_colour(index), 0.4)
-    views = [  # title, image slice (rows, columns), label slice, row and column voxel size, axis letters
-        ("axial", image[:, :, z].T, label[:, :, z].T, zooms[1], zooms[0], "LRPA"),
-        ("coronal", image[:, y, :].T, label[:, y, :].T, zooms[2], zooms[0], "LRIS"),
-        ("sagittal", image[x, :, :].T, label[x, :, :].T, zooms[2], zooms[1], "PAIS"),
+    cut = lambda volume, axis, at: None if volume is None else np.take(volume, at, axis=axis).T  # noqa: E731
+    views = [  # title, image slice (rows, columns), label slice, row and column voxel size, axis letters, mask
+        ("axial", image[:, :, z].T, label[:, :, z].T, zooms[1], zooms[0], "LRPA", cut(outline, 2, z)),
+        ("coronal", image[:, y, :].T, label[:, y, :].T, zooms[2], zooms[0], "LRIS", cut(outline, 1, y)),
+        ("sagittal", image[x, :, :].T, label[x, :, :].T, zooms[2], zooms[1], "PAIS", cut(outline, 0, x)),
     ]
-    widths = [img.shape[1] * dx for _, img, _, _, dx, _ in views]
-    tallest = max(img.shape[0] * dy for _, img, _, dy, _, _ in views)
+    widths = [img.shape[1] * dx for _, img, _, _, dx, _, _ in views]
+    tallest = max(img.shape[0] * dy for _, img, _, dy, _, _, _ in views)
     fig = Figure(figsize=(11, 8), facecolor="black")
     axes = fig.subplots(2, 3, width_ratios=widths, gridspec_kw={"wspace": 0.03, "hspace": 0.03})
-    for column, (title, img, lab, dy, dx, letters) in enumerate(views):
+    for column, (title, img, lab, dy, dx, letters, edge) in enumerate(views):
         extent = (0, img.shape[1] * dx, 0, img.shape[0] * dy)  # mm: physical aspect, one scale
         for row, ax in enumerate(axes[:, column]):
             ax.imshow(img, cmap="gray", origin="lower", vmin=low, vmax=high, extent=extent)
             if row == 1:
                 ax.imshow(lut[lab], origin="lower", extent=extent, interpolation="nearest")
+            if edge is not None and edge.any() and not edge.all():
+                ax.contour(edge, levels=[0.5], colors="yellow", linewidths=0.8, origin="lower", extent=extent)
             ax.set_xlim(0, extent[1])
             ax.set_ylim(0, tallest)
             ax.set_anchor("S")

@@ -1,0 +1,89 @@
+"""Is a segmentation plausible for an adult brain? Never silently wrong: a result outside
+these ranges is still written, with a warning on stderr and in its ``_dseg.json``.
+
+The ranges (adults, 18-90 years), chosen wide, about the population range plus the
+spread of segmentation methods, so a normal adult scan never warns while a whole head
+segmented as brain (GM+WM of 1.8-3.2 L on mrtrix-sub01) or half a brain always does:
+
+* total brain tissue, GM + WM: ``TISSUE_LITRES`` = 0.8-1.8 L. Allen et al. 2002
+  (AJNR 23:1327, 46 adults): brain volume 1.27 +- 0.12 L in men, 1.13 +- 0.10 L in
+  women; Good et al. 2001 (NeuroImage 14:21, 465 adults): GM ~0.75 L + WM ~0.45 L. The
+  MNI152 2009 template, larger than an individual brain (registration averaging),
+  segments to 1.74 L, near the top.
+* GM/WM ratio: ``GM_WM_RATIO`` = 0.9-2.2. About 1.3-1.8 in adults (Good et al. 2001;
+  Ge et al. 2002, AJNR 23:1327: GM falls and WM peaks around 40-50 years), wider here
+  since methods place the GM/WM boundary differently (psc: 1.68 on MNI152).
+* intracranial volume, the brain mask: ``INTRACRANIAL_LITRES`` = 1.0-2.1 L. Buckner
+  et al. 2004 (NeuroImage 23:724, adults 18-93): estimated total intracranial volume
+  1.2-1.8 L; Malone et al. 2015 (NeuroImage 104:366) similar.
+* tissue on the faces of the field of view: at most ``MAX_BORDER_FRACTION`` (0.5 %) of
+  the labelled voxels. A brain inside its field of view touches it at most where the
+  brainstem leaves it (MNI152: 0.02 %); labels all along the faces mean the head, neck
+  or background was labelled as tissue.
+
+Not for children (a 2-year-old's brain is ~0.9 L, a newborn's ~0.4 L, with a GM/WM ratio
+far from an adult's), nor strong atrophy (GM+WM can fall below 0.8 L in advanced
+neurodegeneration) or resections: those warn although the segmentation may be right;
+the warning asks for a look at the QC picture, it does not reject the output."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TISSUE_LITRES = (0.8, 1.8)
+GM_WM_RATIO = (0.9, 2.2)
+INTRACRANIAL_LITRES = (1.0, 2.1)
+MAX_BORDER_FRACTION = 0.005
+
+
+def _label(names: dict[int, str], name: str) -> int | None:
+    return next((i for i, n in names.items() if n.upper() == name), None)
+
+
+def border_fraction(labels: np.ndarray) -> float:
+    """The fraction of labelled voxels lying on the six faces of the grid."""
+    tissue = np.asarray(labels) > 0
+    total = int(tissue.sum())
+    if not total:
+        return 0.0
+    faces = np.zeros(tissue.shape, bool)
+    for axis in range(tissue.ndim):
+        for end in (0, -1):
+            index = [slice(None)] * tissue.ndim
+            index[axis] = end
+            faces[tuple(index)] = True
+    return float((tissue & faces).sum()) / total
+
+
+def check(labels: np.ndarray, names: dict[int, str], voxel_volume: float,
+          brain: np.ndarray | None = None) -> list[str]:
+    """The warnings for one segmentation (empty: plausible). ``voxel_volume`` in mm^3;
+    ``brain``: the brain mask used (extracted or given), on the same grid."""
+    warnings: list[str] = []
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=max(names) + 1)
+    litres = lambda voxels: float(voxels) * voxel_volume / 1e6  # noqa: E731
+    gm, wm = _label(names, "GM"), _label(names, "WM")
+    if gm is not None and wm is not None:
+        tissue = litres(counts[gm] + counts[wm])
+        low, high = TISSUE_LITRES
+        if not low <= tissue <= high:
+            hint = "a whole head or background labelled as brain? (try --skull-strip on)" if tissue > high else \
+                "part of the brain missing, a child's brain or strong atrophy?"
+            warnings.append(f"GM+WM is {tissue:.2f} L, outside the adult range {low}-{high} L: {hint}")
+        if counts[wm]:
+            ratio = counts[gm] / counts[wm]
+            low, high = GM_WM_RATIO
+            if not low <= ratio <= high:
+                warnings.append(f"GM/WM ratio is {ratio:.2f}, outside the adult range {low}-{high}")
+        elif counts[gm]:
+            warnings.append("no WM labelled at all")
+    on_border = border_fraction(labels)
+    if on_border > MAX_BORDER_FRACTION:
+        warnings.append(f"{100 * on_border:.1f} % of the labelled voxels lie on the image border "
+                        "(a brain does not fill its field of view: skull, neck or background labelled?)")
+    if brain is not None:
+        volume = litres(int((np.asarray(brain) > 0).sum()))
+        low, high = INTRACRANIAL_LITRES
+        if not low <= volume <= high:
+            warnings.append(f"the brain mask is {volume:.2f} L, outside the adult intracranial range {low}-{high} L")
+    return warnings
