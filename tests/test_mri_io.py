@@ -139,7 +139,7 @@ def test_empty_volume_is_accepted_when_asked(tmp_path):
 def test_uncoded_nifti_round_trips_to_the_same_affine(tmp_path):
     """qform and sform codes both 0: nibabel falls back to the voxel sizes; the output
     must fall back to the same affine, not gain or lose a flip."""
-    image, _ = brain_phantom((12, 12, 12))
+    image, _ = brain_phantom((32, 24, 32))  # at least MIN_EXTENT_MM across
     affine = np.diag([-0.9, 1.5, 0.9, 1.0])
     scan = read_scan(save_nifti(tmp_path / "u.nii", image, affine, qcode=0, scode=0))
     write_nifti(image > 50, scan, tmp_path / "u_dseg.nii.gz")
@@ -153,3 +153,112 @@ def test_reads_real_ibsr_scan():
     scan = read_scan(DATA / "IBSR_01" / "IBSR_01.nii.gz")
     assert scan.array.shape == (256, 128, 256)
     assert np.allclose(np.sqrt((scan.affine[:3, :3] ** 2).sum(0)), (0.9375, 1.5, 0.9375), atol=1e-3)
+
+
+# --- issue 13: one validation place (validate_scan, called by read_scan) -------------
+
+NIFTI1_OFFSETS = {"sizeof_hdr": (0, "<i"), "pixdim": (76, "<8f"), "qform_code": (252, "<h"),
+                  "sform_code": (254, "<h"), "srow_x": (280, "<4f"), "srow_y": (296, "<4f"), "srow_z": (312, "<4f")}
+
+
+def patched_nifti(path, array, affine=np.eye(4), **fields):
+    """An uncompressed NIfTI-1 with raw header fields overwritten after nibabel wrote
+    it: the broken headers nibabel itself would never write."""
+    import struct
+
+    save_nifti(path, array, affine)
+    raw = bytearray(path.read_bytes())
+    for name, value in fields.items():
+        offset, fmt = NIFTI1_OFFSETS[name]
+        raw[offset:offset + struct.calcsize(fmt)] = struct.pack(fmt, *np.atleast_1d(value))
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def bad_scan(case, tmp_path):
+    """A scan of each class psc-segment must refuse, as a file; and the words the
+    refusal must contain."""
+    image, _ = brain_phantom()  # 36 x 30 x 34 voxels: big enough at 1 mm
+    path = tmp_path / f"{case}.nii"
+    if case == "complex":
+        return save_nifti(path, image.astype(np.complex64) * (1 + 1j), np.eye(4)), "complex voxels"
+    if case == "inf":
+        data = image.astype(np.float32)
+        data[4, 4, 4] = np.inf
+        return save_nifti(path, data, np.eye(4)), "NaN or infinite voxels"
+    if case == "constant":
+        return save_nifti(path, np.full(image.shape, 7, np.int16), np.eye(4)), "constant (every voxel is 7)"
+    if case == "zero":
+        return save_nifti(path, np.zeros(image.shape, np.int16), np.eye(4)), "empty (every voxel is zero)"
+    if case == "too-small":
+        small, _ = brain_phantom((16, 16, 16))
+        return save_nifti(path, small, np.eye(4)), "too small to hold a brain"
+    if case == "tiny-voxels":  # a 1 mm scan whose header says 0.1 mm
+        return save_nifti(path, image, np.diag([0.1, 0.1, 0.1, 1.0])), "too small to hold a brain"
+    if case == "zero-voxel":  # sform (code 2) with a zero column: voxel size 0 along i
+        return patched_nifti(path, image, srow_x=(0, 0, 0, 0)), "voxel sizes 0 x 1 x 1 mm"
+    if case == "nan-affine":
+        return patched_nifti(path, image, srow_y=(0, np.nan, 0, 0)), "NaN or infinite entries"
+    if case == "singular":  # every voxel size non-zero, yet two voxel axes point the same way
+        return patched_nifti(path, image, srow_x=(1, 1, 0, 0), srow_y=(1, 1, 0, 0)), "singular"
+    if case == "repaired-pixdim":  # no qform/sform, zero voxel size: nibabel would guess 1 mm
+        return (patched_nifti(path, image, qform_code=0, sform_code=0, pixdim=(1, 0, 1, 1, 1, 1, 1, 1)),
+                "pixdim[1,2,3] should be non-zero")
+    if case == "repaired-negative":
+        return (patched_nifti(path, image, qform_code=0, sform_code=0, pixdim=(1, -1, 1, 1, 1, 1, 1, 1)),
+                "should be positive")
+    if case == "repaired-sizeof":
+        return patched_nifti(path, image, sizeof_hdr=340), "sizeof_hdr should be 348"
+    if case == "repaired-code":
+        return patched_nifti(path, image, qform_code=7), "qform_code 7 not valid"
+    raise AssertionError(case)
+
+
+BAD_SCANS = ["complex", "inf", "constant", "zero", "too-small", "tiny-voxels", "zero-voxel", "nan-affine", "singular",
+             "repaired-pixdim", "repaired-negative", "repaired-sizeof", "repaired-code"]
+
+
+@pytest.mark.parametrize("case", BAD_SCANS)
+def test_read_scan_refuses_each_class_of_bad_scan(case, tmp_path, capfd):
+    path, words = bad_scan(case, tmp_path)
+    with pytest.raises(InputError) as info:
+        read_scan(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and words in message and "\n" not in message, message
+    assert capfd.readouterr().err == ""  # nibabel's own repair messages are not printed
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    from mri_fixtures import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("weights") / "tiny.pt")
+
+
+@pytest.mark.parametrize("case", BAD_SCANS)
+def test_psc_segment_refuses_each_bad_scan_in_one_line_writing_nothing(case, tmp_path, tiny_weights, capfd):
+    from psc.app.segment import main as segment_main
+
+    path, words = bad_scan(case, tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = segment_main([str(path), "--weights", str(tiny_weights), "-o", str(tmp_path / "out"), "--device", "cpu"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("psc-segment: error: ") and words in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # not even the output folder
+
+
+def test_label_maps_may_be_constant_or_small_but_scans_may_not(tmp_path):
+    """A mask of the whole grid or a label map with one class is valid; as a T1 it is not."""
+    ones = save_nifti(tmp_path / "mask.nii.gz", np.ones((10, 10, 10), np.uint8), np.eye(4))
+    assert read_scan(ones, labels=True).array.all()
+    with pytest.raises(InputError, match="constant"):
+        read_scan(ones)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
+def test_ibsr_scans_and_labels_pass_validation():
+    """IBSR files are 4-D with a singleton last axis, int16, 1 x 1.5 x 1 mm."""
+    scan = read_scan(DATA / "IBSR_07" / "IBSR_07.nii.gz")
+    assert scan.array.shape == (256, 128, 256) and scan.array.dtype == np.int16
+    assert read_scan(DATA / "IBSR_07" / "IBSR_07_seg.nii.gz", labels=True).array.max() == 3
