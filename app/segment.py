@@ -37,23 +37,81 @@ MRI_GROUP = "MRI pipeline (scans)"
 PIPELINES = {"mri": "the MRI pipeline (scans)", "em": "the EM pipeline (RAW.zarr inputs)"}
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files, DICOM folders, folders of scans and globs -> scan paths, in order."""
-    from psc.pipelines.mri.io import is_scan_file
+def is_label_map(path: Path) -> bool:
+    """A label map or mask by its name, not a scan to segment: training's
+    ``<stem>_seg``/``_dseg``/``_labels``/``_label`` (``pipelines/mri/data.LABEL_SUFFIXES``),
+    psc's own outputs (``outputs.is_output``) and masks (``<stem>_mask``, e.g.
+    ``_desc-brain_mask``)."""
+    from psc.pipelines.mri.data import LABEL_SUFFIXES
+    from psc.pipelines.mri.io import scan_stem
     from psc.pipelines.mri.outputs import is_output
 
+    return is_output(path) or scan_stem(path).endswith((*LABEL_SUFFIXES, "_mask"))
+
+
+def expand_inputs(items: list[str], unmatched: list[str] | None = None) -> list[Path]:
+    """Files, DICOM folders, folders of scans and globs -> scan paths, in order.
+
+    Label maps a folder holds or a glob matches (``is_label_map``: psc's training layout
+    ``X.nii.gz`` + ``X_seg.nii.gz``, psc's own outputs) are not scans and are left out; a
+    file named on its own is taken as given. An item that yields no scan (a glob matching
+    nothing, a folder or glob of label maps only) is one sentence appended to
+    ``unmatched``, so the other inputs still run, or raised without it. The same input
+    named twice (or by name and by its folder) is kept once, where it first appears."""
+    from psc.pipelines.mri.io import is_scan_file
+
     found: list[Path] = []
+    seen: set[Path] = set()
+
+    def refuse(problem: str) -> None:
+        if unmatched is None:
+            raise InputError(problem)
+        unmatched.append(problem)
+
+    def add(paths: list[Path]) -> None:
+        for path in paths:
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(path)
+
     for item in items:
-        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
-        if not matches:
-            raise InputError(f"{item}: no file matches")
-        for match in map(Path, matches):
+        if any(c in item for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(item))]
+            kept = [m for m in matches if not (m.is_file() and is_label_map(m))]
+            if not kept:
+                refuse(f"{item}: no file matches" if not matches else
+                       f"{item}: matches only label maps ({matches[0].name}...), no scan to segment")
+                continue
+        else:
+            kept = [Path(item)]
+        for match in kept:
             if match.is_dir() and not names_zarr(match):
-                scans = sorted(p for p in match.iterdir() if is_scan_file(p) and not is_output(p))
-                found += scans or [match]  # no scan files: treat as one DICOM series
+                files = sorted(p for p in match.iterdir() if is_scan_file(p))
+                scans = [p for p in files if not is_label_map(p)]
+                if files and not scans:
+                    refuse(f"{match}: holds only label maps ({files[0].name}...), no scan to segment")
+                    continue
+                add(scans or [match])  # no scan files: treat as one DICOM series
             else:
-                found.append(match)
+                add([match])
     return found
+
+
+def check_distinct_outputs(inputs: list[Path], out_dir: Path | None) -> None:
+    """Refuse, before any work, two inputs whose outputs would land on the same paths
+    (the same stem under one ``-o``, e.g. ``sub-*/T1.nii.gz -o out``): one would
+    silently overwrite the other, even with ``--force``."""
+    from psc.pipelines.mri.outputs import output_paths
+
+    owners: dict[Path, Path] = {}
+    for path in inputs:
+        dseg = output_paths(path, out_dir, False)["dseg"]
+        key = dseg.resolve()
+        if key in owners:
+            raise InputError(f"{owners[key]} and {path} would both write {dseg} (same name under one output "
+                             "folder); rename one, or leave out -o to write beside each input")
+        owners[key] = path
 
 
 def window_size(text: str) -> tuple[int, int, int] | None:
@@ -136,14 +194,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from psc.pipelines.mri.plausibility import check as plausibility
     from psc.pipelines.mri.sample import sample_t1_path
 
-    inputs = expand_inputs(args.inputs)
+    unmatched: list[str] = []  # items that yield no scan: reported, the other inputs still run
+    inputs = expand_inputs(args.inputs, unmatched)
     if args.sample:
         inputs.append(sample_t1_path())
         args.output = args.output or SAMPLE_OUTPUT
+    for problem in unmatched:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+    if not inputs:
+        return 1
     em = args.pipeline == "em" or (args.pipeline == "auto" and any(names_zarr(p) for p in inputs))
     refuse_other_pipeline(args, "em" if em else "mri")
     if em:
-        return run_em(args, inputs, console)
+        return run_em(args, inputs, console) or (1 if unmatched else 0)
+    check_distinct_outputs(inputs, args.output)
     options = filled(args, MRISegmentOptions)
     if not 0 <= options.overlap < 1:
         raise InputError(f"--overlap must be in [0, 1), got {options.overlap}")
@@ -155,7 +219,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     # Once per command, not per scan: sha256 and kind checked, fused, on its device.
     network = load_network(weights, MRI_TISSUE, options.device, options.precision)
     card = network.card
-    mask = read_scan(options.mask) if options.mask else None
+    mask = read_scan(options.mask, labels=True) if options.mask else None
     # deepbet on psc's device (cpu unless CUDA was chosen), loaded on the first scan needing it.
     brain_stage = BrainStage(options.skull_strip, mask, str(network.device))
     weights_record = {"Path": str(Path(weights).resolve()), "SHA256": card.sha256 or sha256_of(weights)}
@@ -163,7 +227,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 "device": str(network.device), "precision": network.precision, "window": options.window,
                 "overlap": options.overlap, "tta": options.tta}
 
-    failures = 0
+    failures = len(unmatched)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("segmenting", total=len(inputs))

@@ -118,6 +118,82 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(kind, scan, weights, 
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # not even the output folder
 
 
+# --- issue 13: input expansion (folders with label maps, globs matching nothing,
+# --- repeated inputs, two inputs writing the same outputs) -----------------------------
+
+
+def run_segment(args, weights, capsys):
+    code = segment_main([*map(str, args), "--weights", str(weights), "--device", "cpu"])
+    captured = capsys.readouterr()
+    # Plausibility warnings (a phantom is no adult brain) are not errors.
+    return code, captured.out, [line for line in captured.err.strip().splitlines() if ": warning: " not in line]
+
+
+def test_a_folder_in_training_layout_segments_the_scan_not_its_label_map(weights, tmp_path, capsys):
+    image, truth = brain_phantom()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    save_nifti(folder / "case1.nii.gz", image, np.eye(4))
+    for suffix in ("_seg", "_dseg", "_labels", "_label"):  # every label map name psc knows
+        save_nifti(folder / f"case1{suffix}.nii.gz", truth, np.eye(4))
+    code, out, err = run_segment([folder, "-o", tmp_path / "out"], weights, capsys)
+    assert code == 0 and err == []
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "case1_dseg.nii.gz" in names and out.count("case1.nii.gz:") == 1
+    assert not any(n.startswith(("case1_seg_", "case1_labels_", "case1_label_", "case1_dseg_")) for n in names)
+    # A glob matching both: the same.
+    code, out, err = run_segment([folder / "case1*.nii.gz", "-o", tmp_path / "glob", "--force"], weights, capsys)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "glob").iterdir()) == sorted(
+        p.name for p in (tmp_path / "out").iterdir())
+
+
+def test_a_folder_of_label_maps_only_is_one_error_line(weights, tmp_path, capsys):
+    _, truth = brain_phantom()
+    (tmp_path / "labels").mkdir()
+    save_nifti(tmp_path / "labels" / "case1_seg.nii.gz", truth, np.eye(4))
+    code, _, err = run_segment([tmp_path / "labels", "-o", tmp_path / "out"], weights, capsys)
+    assert code == 1 and len(err) == 1 and "only label maps" in err[0] and "case1_seg.nii.gz" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_glob_matching_nothing_is_reported_and_the_other_inputs_still_run(scan, weights, tmp_path, capsys):
+    pattern = tmp_path / "missing-*" / "T1.nii.gz"
+    code, out, err = run_segment([pattern, scan, "-o", tmp_path / "out"], weights, capsys)
+    assert code == 1  # a failure, as a scan that fails
+    assert err == [f"psc-segment: error: {pattern}: no file matches"]
+    assert (tmp_path / "out" / "sub-01_T1w_dseg.nii.gz").is_file() and "sub-01_T1w_dseg.nii.gz" in out
+    code, _, err = run_segment([pattern, "-o", tmp_path / "out2"], weights, capsys)
+    assert code == 1 and len(err) == 1 and not (tmp_path / "out2").exists()
+
+
+def test_the_same_input_given_twice_is_segmented_once(scan, weights, tmp_path, capsys):
+    alias = tmp_path / "." / scan.name
+    code, out, err = run_segment([scan, alias, scan.parent / "*_T1w.nii.gz", "-o", tmp_path / "out"], weights, capsys)
+    assert code == 0 and err == [], err
+    assert out.count("sub-01_T1w.nii.gz:") == 1
+
+
+def test_two_inputs_writing_the_same_outputs_are_refused_before_any_work(weights, tmp_path, capsys):
+    image, _ = brain_phantom()
+    for subject in ("sub-01", "sub-02"):
+        (tmp_path / subject).mkdir()
+        save_nifti(tmp_path / subject / "T1.nii.gz", image, np.eye(4))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out, err = run_segment([tmp_path / "sub-*" / "T1.nii.gz", "-o", tmp_path / "out", "--force"], weights,
+                                 capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("psc-segment: error: ") and "sub-01" in err[0] and "sub-02" in err[0]
+    assert "T1_dseg.nii.gz" in err[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    # Beside each input they do not collide.
+    code, _, err = run_segment([tmp_path / "sub-*" / "T1.nii.gz"], weights, capsys)
+    assert code == 0 and err == [], err
+    assert all((tmp_path / s / "T1_dseg.nii.gz").is_file() for s in ("sub-01", "sub-02"))
+
+
+# --- end of the issue-13 input-expansion block ------------------------------------------
+
+
 def test_eval_matches_folders_and_scores(tmp_path, capsys):
     import json
 
