@@ -195,7 +195,7 @@ def qc_png(scan: Scan, labels: np.ndarray, names: dict[int, str], brain: np.ndar
 
     image, zooms = _to_ras(scan.array.astype(np.float32), scan.affine)
     label, _ = _to_ras(labels, scan.affine)
-    outline = None if brain is None else _to_ras((np.asarray(brain) > 0).astype(np.uint8), scan.affine)[0]
+    outline = None if brain is None else _to_ras(np.asarray(brain) > 0, scan.affine)[0].astype(bool)
     # The brain: the mask, else the labels, else the nonzero voxels (a whole head).
     region = next(r for r in (outline, label > 0, image != 0, np.ones(image.shape, bool))
                   if r is not None and np.any(r))
@@ -228,7 +228,7 @@ def qc_png(scan: Scan, labels: np.ndarray, names: dict[int, str], brain: np.ndar
             if row == 1:
                 ax.imshow(lut[lab], origin="lower", extent=extent, interpolation="nearest")
             if edge is not None and edge.any() and not edge.all():
-                ax.contour(edge, levels=[0.5], colors="yellow", linewidths=0.8, origin="lower", extent=extent)
+                ax.contour(edge.astype(np.float32), levels=[0.5], colors="yellow", linewidths=0.8, origin="lower", extent=extent)
             ax.set_xlim(0, extent[1])
             ax.set_ylim(0, tallest)
             ax.set_anchor("S")
