@@ -4,7 +4,9 @@ PRED and GT are files or folders. Folders are matched by subject: a prediction
 ``<stem>_dseg.nii.gz`` pairs with a truth file named
 (first of ``<stem>_seg``, ``<stem>_dseg``, ``<stem>_labels``, ``<stem>``), searched in
 GT and its subfolders; a prediction without one is skipped with a warning. Both maps
-must share a grid (shape and affine). A class absent from both has Dice NaN (printed
+must share a grid (shape and affine) and be label maps: a prediction with labels outside
+the label table (0 and the tissue classes, plus any --labels) or anything that looks like
+an image (fractional voxels, far more distinct values than classes) is refused. A class absent from both has Dice NaN (printed
 ``nan``, ``null`` in ``--json``) and is left out of the mean.
 
 EM: PRED is an EM run (``OUT.zarr``: every stored threshold is scored) or a segmentation
@@ -60,17 +62,20 @@ def pair_files(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
 
 def score(pred_path: Path, truth_path: Path, names: dict[int, str]) -> dict:
     from psc.pipelines.mri.io import read_scan
-    from psc.pipelines.mri.metrics import dice_per_class, hd95_per_class, volume_difference
+    from psc.pipelines.mri.metrics import check_label_map, dice_per_class, hd95_per_class, volume_difference
 
     pred, truth = read_scan(pred_path, allow_empty=True), read_scan(truth_path, allow_empty=True)
     if pred.array.shape != truth.array.shape:
         raise InputError(f"{pred_path.name} has shape {pred.array.shape}, {truth_path.name} {truth.array.shape}")
     if not np.allclose(pred.affine, truth.affine, atol=1e-3):
         raise InputError(f"{pred_path.name} and {truth_path.name} lie on different grids (affines differ)")
-    for scan in (pred, truth):
-        # A probability map or a float scan given by mistake fails loudly, not with Dice 0.
-        if not np.array_equal(scan.array, np.round(scan.array)) or scan.array.min() < 0:
-            raise InputError(f"{scan.path.name} is not a label map (it has negative or fractional voxels)")
+    table = {*LABELS, *names}  # psc's classes and any --labels adds
+    for scan, prediction in ((pred, True), (truth, False)):
+        # A probability map, a T1 or labels psc never writes fail loudly, not with Dice 0.
+        try:
+            check_label_map(scan.array, table, prediction=prediction)
+        except InputError as error:
+            raise InputError(f"{scan.path.name} {error}") from None
     p, t = pred.array.astype(np.int64), truth.array.astype(np.int64)
     spacing = voxel_sizes(pred.affine)
     dice = dice_per_class(p, t, names)

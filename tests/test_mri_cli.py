@@ -191,6 +191,39 @@ def test_two_inputs_writing_the_same_outputs_are_refused_before_any_work(weights
     assert all((tmp_path / s / "T1_dseg.nii.gz").is_file() for s in ("sub-01", "sub-02"))
 
 
+@pytest.mark.parametrize("case,words", [
+    ("labels-9-255", "labels 9, 255"), ("t1-int", "distinct values"), ("t1-float", "fractional"),
+])
+def test_eval_refuses_a_prediction_that_is_not_a_label_map_of_the_table(case, words, tmp_path, capsys):
+    image, truth = brain_phantom()
+    gt = save_nifti(tmp_path / "gt.nii.gz", truth, np.eye(4))
+    if case == "labels-9-255":
+        pred = truth.copy()
+        pred[0, 0, 0], pred[1, 1, 1] = 9, 255
+    else:  # the T1 given as the prediction
+        noise = np.random.default_rng(1).normal(0, 25, image.shape) * (image > 0)
+        t1 = image * 4.1 + noise  # grey levels of a real T1: hundreds of distinct values
+        pred = t1.astype(np.int16) if case == "t1-int" else t1
+    path = save_nifti(tmp_path / "x_dseg.nii.gz", pred, np.eye(4))
+    assert eval_main([str(path), str(gt)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("psc-eval: error: x_dseg.nii.gz is not a label map"), err
+    assert words in err[0] and "Dice" not in captured.out
+
+
+def test_eval_refuses_a_t1_found_as_the_ground_truth(tmp_path, capsys):
+    """A truth folder holding only the scans: the T1 pairs by stem and is refused."""
+    image, truth = brain_phantom()
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    save_nifti(tmp_path / "pred" / "sub-01_dseg.nii.gz", truth, np.eye(4))
+    save_nifti(tmp_path / "gt" / "sub-01.nii.gz", image, np.eye(4))
+    assert eval_main([str(tmp_path / "pred"), str(tmp_path / "gt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sub-01.nii.gz is not a label map" in err[0], err
+
+
 # --- end of the issue-13 input-expansion block ------------------------------------------
 
 
