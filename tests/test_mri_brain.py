@@ -243,3 +243,50 @@ def test_mrtrix_auto_extracts_the_brain(weights, tmp_path, capsys):
     sidecar = json.loads((out / "sub-01_T1w_dseg.json").read_text())
     assert sidecar["SkullStrip"]["Extracted"] and sidecar["SkullStrip"]["Mode"] == "auto"
     assert (out / "sub-01_T1w_volumes.tsv").read_text().splitlines()[-1].split("\t")[1] == "brain"
+
+
+# --- napari ------------------------------------------------------------------------------
+
+def test_segment_mri_takes_the_skull_strip_choice(weights):
+    from psc.models.weights import load_weights
+    from psc.pipelines.mri.inference import segment_scan
+    from psc.plugins.napari._segment import segment_mri
+
+    image, _ = brain_phantom()
+    labels, names, brain = segment_mri(image, oblique_affine(), weights, "cpu", skull_strip="auto")
+    assert brain is None and names == dict(LABELS)  # a stripped image: nothing extracted
+    model, card = load_weights(weights)
+    expected = segment_scan(Scan(Path("x"), image, oblique_affine()), model, card, device="cpu").labels
+    np.testing.assert_array_equal(labels, expected)
+    with pytest.raises(InputError, match="--skull-strip"):
+        segment_mri(image, oblique_affine(), weights, "cpu", skull_strip="sometimes")
+
+
+@needs_mrtrix
+def test_segment_widget_offers_skull_strip_and_adds_the_mask(make_napari_viewer, qtbot, weights):
+    pytest.importorskip("napari")
+    from test_napari_widgets import TIMEOUT_MS, qt_can_start
+
+    if not qt_can_start():
+        pytest.skip("no display for Qt")
+    from psc.plugins.napari._widgets import EM, MRI, SegmentWidget
+
+    scan = read_scan(MRTRIX / "sub-01_T1w.nii.gz")
+    viewer = make_napari_viewer()
+    viewer.add_image(scan.array, name="head", scale=(1.8, 1.875, 1.875))
+    widget = SegmentWidget(viewer)
+    assert list(widget.skull_strip.choices) == ["auto", "on", "off"] and widget.skull_strip.value == "auto"
+    widget.pipeline.value = EM
+    assert widget.skull_strip.native.isHidden()  # MRI only
+    widget.pipeline.value = MRI
+    assert not widget.skull_strip.native.isHidden()
+    widget.weights.value = weights
+    widget.device.value = "cpu"
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None and "head dseg" in [lyr.name for lyr in viewer.layers],
+                    timeout=TIMEOUT_MS)
+    mask = next(lyr for lyr in viewer.layers if lyr.name == "head brain mask").data
+    truth = read_scan(MRTRIX / "sub-01_brainmask.nii.gz").array
+    assert mask.shape == scan.array.shape and dice(mask, truth) > 0.95
+    dseg = next(lyr for lyr in viewer.layers if lyr.name == "head dseg").data
+    assert not np.any(dseg[mask == 0]) and "brain extracted" in widget.status.value

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -216,10 +217,12 @@ class BrainStage:
     """The brain step of a command: ``--skull-strip MODE`` and an optional given mask;
     deepbet is loaded on the first scan that needs it, then reused (once per command)."""
 
-    def __init__(self, mode: str = "auto", mask: Scan | None = None, device: str = "cpu") -> None:
+    def __init__(self, mode: str = "auto", mask: Scan | None = None, device: str = "cpu",
+                 extractor_factory: Callable[[str], BrainExtractor] | None = None) -> None:
         if mode not in SKULL_STRIP_MODES:
             raise InputError(f"--skull-strip must be one of {', '.join(SKULL_STRIP_MODES)}, got {mode!r}")
         self.mode, self.mask, self.device = mode, mask, device
+        self.factory = extractor_factory or BrainExtractor  # a long-lived caller (napari) passes a cached one
         self._extractor: BrainExtractor | None = None
 
     @property
@@ -228,7 +231,7 @@ class BrainStage:
 
     def extractor(self) -> BrainExtractor:
         if self._extractor is None:
-            self._extractor = BrainExtractor(self.device)
+            self._extractor = self.factory(self.device)
         return self._extractor
 
     def __call__(self, scan: Scan) -> BrainStep:

@@ -10,6 +10,7 @@ temporary container; the result is an EM run (``OUT.zarr``) like ``psc-segment``
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,10 +43,22 @@ def _wrong_kind(weights: str | Path, card, wanted: str) -> InputError:
                       f"not an {KIND_NAMES[wanted]} model; pick the {other} pipeline or another model")
 
 
+@functools.lru_cache(maxsize=2)
+def _brain_extractor(device: str):
+    """deepbet's networks, loaded once per device for the napari session (not per click)."""
+    from psc.pipelines.mri.brain import BrainExtractor
+
+    return BrainExtractor(device)
+
+
 def segment_mri(data: Any, affine: np.ndarray, weights: str | Path, device: str = "auto",
-                progress: Progress | None = None) -> tuple[np.ndarray, dict[int, str]]:
-    """(labels on the image's grid, label names) for a 3-D T1 image."""
+                progress: Progress | None = None, skull_strip: str = "auto",
+                ) -> tuple[np.ndarray, dict[int, str], np.ndarray | None]:
+    """(labels on the image's grid, label names, the brain mask psc extracted or None)
+    for a 3-D T1 image. ``skull_strip`` is psc-segment's ``--skull-strip``: ``auto``
+    extracts the brain (deepbet) only when the image is not already skull-stripped."""
     from psc.pipelines.inference import load_network
+    from psc.pipelines.mri.brain import BrainStage
     from psc.pipelines.mri.inference import segment_scan
     from psc.pipelines.mri.io import Scan
 
@@ -59,9 +72,13 @@ def segment_mri(data: Any, affine: np.ndarray, weights: str | Path, device: str 
         raise _wrong_kind(weights, card, MRI_TISSUE)
     network = load_network(weights, MRI_TISSUE, device)  # sha256 and kind checked, fused, on its device
     scan = Scan(Path("napari-layer"), array, np.asarray(affine, dtype=np.float64))
+    brain = BrainStage(skull_strip, None, str(network.device), _brain_extractor)(scan)
+    if brain.extracted and progress:
+        progress(0, 1, f"brain extracted ({brain.seconds:.1f} s)")
     on_window = (lambda done, total: progress(done, total, f"window {done}/{total}")) if progress else None
-    segmentation = segment_scan(scan, network, network.card, on_window=on_window)
-    return segmentation.labels, dict(network.card.labels)
+    segmentation = segment_scan(scan, network, network.card, mask=brain.mask, on_window=on_window)
+    mask = brain.mask.array.astype(bool) if brain.extracted else None
+    return segmentation.labels, dict(network.card.labels), mask
 
 
 def write_raw(data: Any, voxel_size, offset, folder: Path) -> str:

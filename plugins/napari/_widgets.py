@@ -136,13 +136,16 @@ class SegmentWidget(_Panel):
         self.pipeline = ComboBox(label="pipeline", choices=[MRI, EM], value=MRI)
         self.weights = FileEdit(label="model", mode="r", filter="*.pt", value=default_weights("mri"))
         self.device = ComboBox(label="device", choices=devices(), value="auto")
+        self.skull_strip = ComboBox(label="skull strip", choices=["auto", "on", "off"], value="auto",
+                                    tooltip="brain extraction (deepbet) before MRI segmentation; auto: only when "
+                                            "the image is not already skull-stripped; the mask is added as a layer")
         self.output = FileEdit(label="EM output", mode="w", filter="*.zarr", value="",
                                tooltip="OUT.zarr of the EM run (default: beside the raw container, "
                                        "or a temporary folder for data not read from zarr)")
         self.overwrite = CheckBox(label="overwrite", value=False, tooltip="start the EM run over if OUT.zarr exists")
         self.button = PushButton(text="Segment")
-        super().__init__(napari_viewer, [self.image, self.pipeline, self.weights, self.device, self.output,
-                                         self.overwrite, self.button])
+        super().__init__(napari_viewer, [self.image, self.pipeline, self.weights, self.device, self.skull_strip,
+                                         self.output, self.overwrite, self.button])
         self.image.changed.connect(self._guess_pipeline)
         self.pipeline.changed.connect(self._pipeline_changed)
         self.button.changed.connect(self.run)
@@ -166,6 +169,7 @@ class SegmentWidget(_Panel):
         if Path(self.weights.value) in (default_weights("mri"), default_weights("em")):
             self.weights.value = default_weights("em" if em else "mri")
         self.output.visible = self.overwrite.visible = em
+        self.skull_strip.visible = not em
 
     def run(self, *_):
         """Segment the chosen image layer (the button's action)."""
@@ -179,7 +183,8 @@ class SegmentWidget(_Panel):
         data = layer.data
         if self.pipeline.value == MRI:
             affine = layer_affine(layer)
-            function = partial(segment_mri, data, affine, weights, device, self.report)
+            function = partial(segment_mri, data, affine, weights, device, self.report,
+                               skull_strip=self.skull_strip.value)
             return self.launch(function, partial(self._add_mri, layer, affine), f"segmenting {layer.name} (MRI)")
         meta = psc_meta(layer)
         raw = None
@@ -192,13 +197,19 @@ class SegmentWidget(_Panel):
         return self.launch(function, partial(self._add_em, layer), f"segmenting {layer.name} (EM)")
 
     def _add_mri(self, image, affine: np.ndarray, result) -> None:
-        labels, names = result
+        labels, names, brain = result
+        grid = {"scale": image.scale, "translate": image.translate, "units": image.units,
+                "axis_labels": image.axis_labels}
+        if brain is not None:  # the brain psc extracted (deepbet): a layer, below the tissue labels
+            self.viewer.add_labels(brain.astype(np.uint8), name=f"{image.name} brain mask", opacity=0.25,
+                                   metadata={"psc": {"kind": "mri", "role": "brain_mask",
+                                                     "affine": np.asarray(affine).tolist()}}, **grid)
         meta = {"kind": "mri", "role": "dseg", "affine": np.asarray(affine).tolist(),
                 "labels": {str(k): v for k, v in names.items()}}
-        self.viewer.add_labels(labels, name=f"{image.name} dseg", scale=image.scale, translate=image.translate,
-                               units=image.units, axis_labels=image.axis_labels, features=label_features(names),
-                               colormap=tissue_colormap(names), opacity=0.5, metadata={"psc": meta})
-        self.status.value = f"{image.name}: {', '.join(n for i, n in names.items() if i)} labelled"
+        self.viewer.add_labels(labels, name=f"{image.name} dseg", features=label_features(names),
+                               colormap=tissue_colormap(names), opacity=0.5, metadata={"psc": meta}, **grid)
+        extracted = "; brain extracted" if brain is not None else ""
+        self.status.value = f"{image.name}: {', '.join(n for i, n in names.items() if i)} labelled{extracted}"
 
     def _add_em(self, image, out) -> None:
         data, kwargs, _ = em_layer(out, "segmentation", run=out, layer_name=f"{image.name} segmentation")
