@@ -133,8 +133,13 @@ def _load_nibabel(path: Path):
     """``(image, array)``; refuses a header nibabel had to repair. Only the repairs
     nibabel itself reports (logged at WARNING or above: zero or negative voxel sizes,
     a wrong header size, invalid qform/sform codes...) are refused: each means the
-    geometry psc would use is a guess. Numeric warnings (e.g. a NaN affine) are silenced
-    here and refused by ``validate_scan`` with a sentence of its own."""
+    geometry psc would use is a guess. What nibabel fixes silently is harmless and
+    passes: a bitpix that disagrees with the datatype (the datatype decides), a scale
+    slope of 0, NaN or inf (the standard: no scaling), a qfac other than -1 (taken as 1,
+    per the standard); what it cannot fix (a header too short, an invalid intercept, an
+    impossible quaternion) is "not a readable image". Numeric warnings (e.g. a NaN
+    affine) are silenced here and refused by ``validate_scan`` with a sentence of its
+    own."""
     from nibabel.imageglobals import logger
 
     repairs = _Repairs()
