@@ -18,7 +18,7 @@ segmented as brain (GM+WM of 1.8-3.2 L on mrtrix-sub01) or half a brain always d
   1.2-1.8 L; Malone et al. 2015 (NeuroImage 104:366) similar.
 * tissue on the faces of the field of view: at most ``MAX_BORDER_FRACTION`` (0.5 %) of
   the labelled voxels. A brain inside its field of view touches it at most where the
-  brainstem leaves it (MNI152: 0.02 %); labels all along the faces mean the head, neck
+  brainstem leaves it (MNI152: 0 %); labels all along the faces mean the head, neck
   or background was labelled as tissue.
 
 Not for children (a 2-year-old's brain is ~0.9 L, a newborn's ~0.4 L, with a GM/WM ratio
