@@ -65,7 +65,7 @@ def prepare_case(pair: Pair, spacing: Sequence[float], orientation: str = "RAS",
     exported card will carry), both cropped to the brain. ``raw``: also ``"raw"``, the
     model-space image before normalisation, same crop (the "robust" recipe starts from
     it: its bias field and contrast act on positive intensities)."""
-    image, label = read_scan(pair.image), read_scan(pair.label)
+    image, label = read_scan(pair.image), read_scan(pair.label, labels=True)
     if image.array.shape != label.array.shape or not np.allclose(image.affine, label.affine, atol=1e-3):
         raise InputError(f"{pair.case}: image and label grids differ")
     image_ms = to_model_space(to_meta(image.array.astype(np.float32), image.affine), spacing, orientation)
