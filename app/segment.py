@@ -1,8 +1,11 @@
 """``psc-segment``: tissue segmentation of T1 scans (files, folders, globs), or neuron
 segmentation of an EM volume (``RAW.zarr -o OUT.zarr``).
 
-MRI: writes ``<stem>_dseg.nii.gz``, ``_dseg.tsv``, ``_volumes.tsv``, ``_qc.png`` (and
-``_probseg.nii.gz`` with ``--probabilities``) beside each input or under ``-o DIR``.
+MRI (skull on or off: ``--skull-strip auto`` extracts the brain when the skull is there):
+writes ``<stem>_dseg.nii.gz``, ``_dseg.tsv``, ``_dseg.json`` (provenance and plausibility
+warnings), ``_volumes.tsv``, ``_qc.png``, ``_desc-brain_mask.nii.gz`` when it extracted
+the brain (and ``_probseg.nii.gz`` with ``--probabilities``) beside each input or under
+``-o DIR``.
 EM: writes the arrays ``affinities``, ``fragments`` and ``segmentation`` and the region
 graph ``graph.sqlite`` into OUT.zarr; running the same command again resumes.
 """
