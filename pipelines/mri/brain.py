@@ -190,12 +190,6 @@ class BrainExtractor:
                     scan.affine, scan.header)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    total = int(a.sum() + b.sum())
-    return 2.0 * int((a & b).sum()) / total if total else 1.0
-
-
 @dataclass
 class BrainStep:
     """What the brain step decided for one scan: the decision, the mask to segment with
