@@ -1,10 +1,12 @@
-"""Issue 13's training run: the equal-parameter P2SC2 DenseNet (no more parameters than
-its conv3d twin) with the "robust" augmentation recipe, on the 9/2 IBSR split.
+"""Issue 13's training runs on the 9/2 IBSR split with the "robust" augmentation recipe:
+the equal-parameter P2SC2 DenseNet (``p2sc2-eq``: no more parameters than its conv3d
+twin) and that twin (``conv3d``: the MRI widths, 16/8/8), same budget, same seed.
 
-Start it, or resume it exactly from its ``last.pt`` after an interruption, with the
-same command (``scripts/train_mri_robust.sh`` runs it in the background):
+Start a run, or resume it exactly from its ``last.pt`` after an interruption, with the
+same command (``scripts/train_mri_robust.sh [p2sc2-eq|conv3d]`` runs it in the
+background):
 
-    .venv/bin/python scripts/train_mri_robust.py
+    .venv/bin/python scripts/train_mri_robust.py [p2sc2-eq|conv3d]
 
 Budget: 900 iterations, chosen so that the run fits in about 3 hours of one core of this
 project's 2-core AMD EPYC (fp32, ``threads=1``): about 10.9 s per iteration with the
@@ -22,35 +24,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from psc.pipelines.allocator import keep_freed_memory  # noqa: E402
-from psc.pipelines.mri.config import EQUAL_PARAMETER_OPTIONS  # noqa: E402
+from psc.pipelines.mri.config import BACKBONE_OPTIONS, EQUAL_PARAMETER_OPTIONS  # noqa: E402
 from psc.pipelines.mri.train import TrainConfig, train  # noqa: E402
 
-OUT = ROOT / "runs" / "mri-p2sc2-eq-robust"
-CONFIG = TrainConfig(
-    data=str((ROOT / ".." / "shared" / "data" / "ibsr18").resolve()),
-    out=str(OUT),
-    conv="p2sc2",
-    options=dict(EQUAL_PARAMETER_OPTIONS),
-    val_cases=["IBSR_07", "IBSR_16"],
-    iterations=900,
-    val_every=100,
-    seed=0,
-    threads=1,  # the second core stays free for tests
-    precision="fp32",  # this CPU has no native bf16
-    augmentation="robust",
-    export=str(OUT / "mri_densenet3d_p2sc2_eq_robust.pt"),
-    data_source="IBSR (Internet Brain Segmentation Repository), Center for Morphometric Analysis, Massachusetts "
-                "General Hospital; T1 MRI with manual tissue labels",
-    data_terms="research use for developing automated segmentation; acknowledge the source; the images and "
-               "segmentations are not redistributed (these weights contain neither)",
-)
+# run name -> (convolution, widths, output folder name under runs/ and checkpoints/)
+RUNS = {
+    "p2sc2-eq": ("p2sc2", EQUAL_PARAMETER_OPTIONS, "mri-p2sc2-eq-robust"),
+    "conv3d": ("conv3d", BACKBONE_OPTIONS, "mri-conv3d-robust"),
+}
 
 
-def main() -> int:
+def config(run: str) -> TrainConfig:
+    conv, options, folder = RUNS[run]
+    out = ROOT / "runs" / folder
+    return TrainConfig(
+        data=str((ROOT / ".." / "shared" / "data" / "ibsr18").resolve()),
+        out=str(out),
+        conv=conv,
+        options=dict(options),
+        val_cases=["IBSR_07", "IBSR_16"],
+        iterations=900,
+        val_every=100,
+        seed=0,
+        threads=1,  # the second core stays free for tests
+        precision="fp32",  # this CPU has no native bf16
+        augmentation="robust",
+        export=str(out / f"mri_densenet3d_{folder.removeprefix('mri-').replace('-', '_')}.pt"),
+        data_source="IBSR (Internet Brain Segmentation Repository), Center for Morphometric Analysis, Massachusetts "
+                    "General Hospital; T1 MRI with manual tissue labels",
+        data_terms="research use for developing automated segmentation; acknowledge the source; the images and "
+                   "segmentations are not redistributed (these weights contain neither)",
+    )
+
+
+def main(argv: list[str]) -> int:
+    run = argv[0] if argv else "p2sc2-eq"
+    if run not in RUNS:
+        print(f"error: unknown run {run!r}; choose one of {', '.join(RUNS)}", file=sys.stderr)
+        return 2
     keep_freed_memory()  # as psc-train does
-    train(CONFIG, resume=True)  # a fresh start when OUT holds no last.pt
+    train(config(run), resume=True)  # a fresh start when its folder holds no last.pt
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

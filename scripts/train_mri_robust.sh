@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Start, or resume exactly (from runs/mri-p2sc2-eq-robust/last.pt, or the copy a session
-# committed under checkpoints/mri-p2sc2-eq-robust/), issue 13's MRI
-# training run in the background: scripts/train_mri_robust.py under nohup, one thread,
-# stdout and stderr appended to runs/mri-p2sc2-eq-robust/train.log, its PID in
-# runs/mri-p2sc2-eq-robust/pid. Run it from anywhere: scripts/train_mri_robust.sh
+# Start, or resume exactly (from runs/<folder>/last.pt, or the copy a session committed
+# under checkpoints/<folder>/), one of issue 13's MRI training runs in the background:
+# scripts/train_mri_robust.py RUN under nohup, one thread, stdout and stderr appended to
+# runs/<folder>/train.log, its PID in runs/<folder>/pid.
+#   scripts/train_mri_robust.sh            # p2sc2-eq -> mri-p2sc2-eq-robust
+#   scripts/train_mri_robust.sh conv3d     # its conv3d twin -> mri-conv3d-robust
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=runs/mri-p2sc2-eq-robust
-KEPT=checkpoints/mri-p2sc2-eq-robust  # committed at a session's end (runs/ is not kept)
+RUN=${1:-p2sc2-eq}
+case "$RUN" in
+    p2sc2-eq) FOLDER=mri-p2sc2-eq-robust ;;
+    conv3d) FOLDER=mri-conv3d-robust ;;
+    *) echo "error: unknown run '$RUN' (p2sc2-eq or conv3d)" >&2; exit 2 ;;
+esac
+OUT=runs/$FOLDER
+KEPT=checkpoints/$FOLDER  # committed at a session's end (runs/ is not kept)
 mkdir -p "$OUT"
 if [ ! -f "$OUT/last.pt" ] && [ -f "$KEPT/last.pt" ]; then
     cp "$KEPT"/* "$OUT"/
@@ -18,7 +25,7 @@ if [ -f "$OUT/pid" ] && kill -0 "$(cat "$OUT/pid")" 2>/dev/null; then
     exit 1
 fi
 echo "=== $(date -u +%FT%TZ) start/resume, commit $(git rev-parse --short HEAD)" >> "$OUT/train.log"
-OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup setsid .venv/bin/python scripts/train_mri_robust.py \
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup setsid .venv/bin/python scripts/train_mri_robust.py "$RUN" \
     >> "$OUT/train.log" 2>&1 < /dev/null &
 echo $! > "$OUT/pid"
 echo "pid $! (log $OUT/train.log)"
