@@ -65,6 +65,22 @@ def test_synthetic_brain_is_stripped_and_synthetic_heads_are_not():
     assert not stripped and " L" in reason
 
 
+def test_a_bright_shell_left_around_a_stripped_brain_is_not_taken_as_stripped():
+    """Fat or skull a stripping tool left around the brain: a constant background, a
+    brain-sized region, but a shell far brighter than any brain tissue."""
+    from scipy import ndimage
+
+    image, truth = brain_phantom((48, 44, 46))
+    brain = truth > 0
+    assert is_skull_stripped(scan_of(image))[0]
+    shell = ndimage.binary_dilation(brain, iterations=3) & ~ndimage.binary_dilation(brain, iterations=1)
+    shelled = image.copy()
+    shelled[shell] = 3 * image[brain].max()
+    stripped, reason = is_skull_stripped(scan_of(shelled))
+    assert not stripped and "brighter than" in reason
+    assert is_skull_stripped(scan_of(image.astype(np.float32) - 120))[0]  # already z-scored-like: not judged
+
+
 def test_bundled_sample_is_stripped():
     from psc.pipelines.mri.sample import sample_t1_path
 
@@ -72,7 +88,7 @@ def test_bundled_sample_is_stripped():
 
 
 @needs_ibsr
-@pytest.mark.parametrize("index", [0, -1])
+@pytest.mark.parametrize("index", range(11))
 def test_ibsr_is_stripped(index):
     stripped, reason = is_skull_stripped(read_scan(IBSR[index]))
     assert stripped, reason
@@ -95,6 +111,29 @@ def test_decide_modes_and_a_given_mask_overrides_them():
         BrainStage("sometimes")
     assert not BrainStage("off").may_extract and BrainStage("auto").may_extract
     assert not BrainStage("on", mask=scan_of(brain)).may_extract
+
+
+def test_a_stripped_scan_with_a_nonzero_background_is_segmented_inside_its_brain_only():
+    """A stripping tool that fills the background with -100 (not 0): auto takes the scan
+    as stripped, and its brain is the non-background, not "the nonzero voxels" (which
+    would be the whole field of view, -100 z-scored as tissue)."""
+    from mri_fixtures import ThresholdNet, threshold_card
+    from psc.pipelines.mri.inference import segment_scan
+
+    image, truth = brain_phantom()
+    shifted = np.where(truth > 0, image.astype(np.float32), -100.0)
+    scan = scan_of(shifted)
+    step = BrainStage("auto")(scan)
+    assert not step.extracted and "(-100)" in step.decision.reason
+    np.testing.assert_array_equal(step.mask.array > 0, shifted != -100)
+    seg = segment_scan(scan, ThresholdNet(), threshold_card(), device="cpu", mask=step.mask)
+    assert not seg.labels[truth == 0].any()
+    plain = segment_scan(scan_of(np.where(truth > 0, image, 0)), ThresholdNet(), threshold_card(), device="cpu")
+    # About the same as with a 0 background (the edge voxels, blended with -100 in model
+    # space, may differ).
+    agreement = dice_per_class(seg.labels, plain.labels, (2, 3))
+    assert min(agreement.values()) > 0.95, agreement
+    assert BrainStage("auto")(scan_of(np.where(truth > 0, image, 0))).mask is None  # 0: unchanged path
 
 
 def test_brain_mask_is_an_output_not_a_scan(tmp_path):
