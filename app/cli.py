@@ -1,6 +1,6 @@
 """What every psc command line shares: the help formatter, options whose defaults come
 from the pipelines' option dataclasses, and ``run_guarded``, through which every entry
-point runs."""
+point runs. Stdlib only: ``app/launch.py`` imports it before any heavy module."""
 
 from __future__ import annotations
 
@@ -76,10 +76,22 @@ def filled(args: argparse.Namespace, cls: type, **extra: Any):
     return cls(**{**values, **extra})
 
 
+INTERRUPTED = 130  # the shell's code for a command ended by SIGINT (128 + 2)
+
+
+def interrupted(prog: str) -> int:
+    """Ctrl-C: one ``PROG: interrupted`` line and exit code 130. Changes no signal
+    handler, since ``main()`` also runs inside other processes (tests, notebooks);
+    ``app/launch.py`` ignores a second Ctrl-C while a console script exits."""
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return INTERRUPTED
+
+
 def run_guarded(prog: str, body: Callable[[], int]) -> int:
     """Run a command's body: a user error (``InputError``, and its subclasses such as
     ``WeightsError``) becomes one ``PROG: error:`` line and exit code 2, Ctrl-C exit
-    code 130; anything else is a bug and keeps its traceback."""
+    code 130 (``interrupted``); anything else is a bug and keeps its traceback. Ctrl-C
+    before the body (importing torch, parsing) is caught by ``app/launch.py``."""
     from psc.utils.errors import InputError
 
     try:
@@ -88,5 +100,4 @@ def run_guarded(prog: str, body: Callable[[], int]) -> int:
         print(f"{prog}: error: {' '.join(str(error).splitlines())}", file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return interrupted(prog)

@@ -38,6 +38,13 @@ from psc.utils.errors import InputError
 PROG = "psc-segment"
 MRI_GROUP = "MRI pipeline (scans)"
 PIPELINES = {"mri": "the MRI pipeline (scans)", "em": "the EM pipeline (RAW.zarr inputs)"}
+# One meaning per code, for scripts that loop over subjects (docs/mri.md says the same).
+EXIT_CODES = """exit status (MRI):
+  0    every scan segmented
+  1    some inputs failed (a scan refused, a glob matching nothing...); the others were processed
+  2    the command was refused before any scan (usage, an option, the weights, two inputs
+       writing the same outputs)
+  130  interrupted (Ctrl-C); a scan being written leaves no output"""
 
 
 def is_label_map(path: Path) -> bool:
@@ -135,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     of the other pipeline can be refused); the defaults shown and filled in are the
     fields of ``MRISegmentOptions`` and ``EMRunOptions``."""
     default = lambda name: option_default(MRISegmentOptions, name)  # noqa: E731
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""),
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""), epilog=EXIT_CODES,
                                      formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", help="scans (NIfTI, MGZ, NRRD, MHA/MHD), DICOM folders, folders, globs")
     add_option(parser, "-o", "--output", type=Path, help="output folder (MRI) or OUT.zarr (EM)",
@@ -253,7 +260,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 warnings = plausibility(seg.labels, card.labels, scan.voxel_volume, brain_array)
                 sidecar = {"Sources": [str(Path(path).resolve())], "Weights": weights_record, "Options": settings,
                            "SkullStrip": brain.record(), "Warnings": warnings}
-                write_outputs(seg, scan, paths, card.labels, brain_array, sidecar)
+                write_outputs(seg, scan, paths, card.labels, brain_array, sidecar,
+                              keep=(options.mask,) if options.mask else ())
             except InputError as error:
                 failures += 1
                 print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -288,6 +296,8 @@ def report(console: Console, path: Path, paths: dict[str, Path], seg, names: dic
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command (the console script reaches it through ``app/launch.py``, which also
+    turns Ctrl-C while this module imports into exit code 130)."""
     args = parse(argv)
     keep_freed_memory()
     return run_guarded(PROG, lambda: run(args, Console(highlight=False)))

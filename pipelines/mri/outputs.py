@@ -1,5 +1,10 @@
 """The files a segmentation produces, named BIDS-derivatives style beside the input
-(or under ``-o DIR``), each written atomically, none overwritten without ``force``.
+(or under ``-o DIR``), written as one set (all or none), none overwritten without ``force``.
+
+A scan's set is complete when its ``_dseg.nii.gz`` exists: ``write_outputs`` renames the
+``_dseg`` last (and deletes an old one first), so other outputs found without it are
+leftovers of an interrupted run, replaced without ``force`` (``check_outputs``), and the
+hidden temporaries a killed run left beside them are deleted by the next run.
 
 The one home of those names (``OUTPUT_SUFFIXES``, ``role``, ``subject_stem``,
 ``outputs_beside``) and of the ``_dseg.tsv`` label table (``write_label_table``,
@@ -11,13 +16,13 @@ from __future__ import annotations
 import io
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from nibabel.affines import voxel_sizes
 
 from psc.utils.errors import InputError
-from psc.utils.files import atomic_write
+from psc.utils.files import remove_stale_temporaries, write_set
 
 from .config import label_colour
 from .io import NIBABEL_EXTENSIONS, Scan, scan_stem, write_nifti, write_text
@@ -29,17 +34,28 @@ OUTPUT_SUFFIXES = {"dseg": "_dseg.nii.gz", "dseg_tsv": "_dseg.tsv", "volumes": "
                    "probseg": "_probseg.nii.gz", "sidecar": "_dseg.json", "brain_mask": "_desc-brain_mask.nii.gz"}
 ROLES = ("dseg", "probseg")  # the label-like outputs; anything else is an image (a scan)
 BRAIN_MASK_STEM = "_desc-brain_mask"  # BIDS derivative: the brain mask psc extracted
+COMMIT = "dseg"  # written last: a scan's outputs are a complete set exactly when this one exists
 
 
 def output_paths(scan_path: Path, out_dir: Path | None, probabilities: bool,
                  brain_mask: bool = False) -> dict[str, Path]:
     """Every output of one scan; ``probseg`` with ``probabilities``, ``brain_mask`` when
     psc may extract the brain (``write_outputs`` skips it when it did not)."""
-    stem = scan_stem(scan_path)
     folder = Path(out_dir) if out_dir is not None else Path(scan_path).parent
-    keys = [key for key in OUTPUT_SUFFIXES
-            if (probabilities or key != "probseg") and (brain_mask or key != "brain_mask")]
-    return {key: folder / f"{stem}{OUTPUT_SUFFIXES[key]}" for key in keys}
+    named = _named(folder, scan_stem(scan_path))
+    return {key: path for key, path in named.items()
+            if (probabilities or key != "probseg") and (brain_mask or key != "brain_mask")}
+
+
+def _named(folder: Path, stem: str) -> dict[str, Path]:
+    return {key: folder / f"{stem}{suffix}" for key, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def scan_outputs(paths: dict[str, Path]) -> dict[str, Path]:
+    """Every output psc may write for the scan ``paths`` belongs to, whichever options
+    made ``paths``: what a new set replaces (a previous ``_probseg``, brain mask...)."""
+    dseg = paths[COMMIT]
+    return _named(dseg.parent, dseg.name.removesuffix(OUTPUT_SUFFIXES[COMMIT]))
 
 
 def role(path: str | Path) -> str:
@@ -98,13 +114,15 @@ def label_table_path(dseg: str | Path) -> Path:
 
 
 def check_outputs(paths: dict[str, Path], force: bool) -> None:
-    """Refuse before any computation: existing outputs without ``force``, or a folder
-    that cannot be created or written. Creates nothing, so a refused run leaves the
-    disk as it was; the folder itself is made by ``write_outputs``."""
-    folder = next(iter(paths.values())).parent
-    existing = [p.name for p in paths.values() if p.exists()]
-    if existing and not force:
-        raise InputError(f"{folder / existing[0]} exists (and {len(existing) - 1} more); use --force to overwrite")
+    """Refuse before any computation: a complete previous set (its ``_dseg.nii.gz``)
+    without ``force``, or a folder that cannot be created or written. Outputs without
+    their ``_dseg`` are what an interrupted run left and do not block the re-run.
+    Creates nothing, so a refused run leaves the disk as it was; the folder itself is
+    made by ``write_outputs``."""
+    folder = paths[COMMIT].parent
+    if paths[COMMIT].exists() and not force:
+        others = [p for key, p in scan_outputs(paths).items() if key != COMMIT and p.exists()]
+        raise InputError(f"{paths[COMMIT]} exists (and {len(others)} more); use --force to overwrite")
     ancestor = folder
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -150,23 +168,49 @@ def sidecar_json(metadata: dict) -> str:
 
 
 def write_outputs(seg: Segmentation, scan: Scan, paths: dict[str, Path], names: dict[int, str],
-                  brain: np.ndarray | None = None, sidecar: dict | None = None) -> None:
-    """Every output in ``paths``, each atomically. ``brain``: the brain mask used (on the
-    scan's grid), outlined in the QC picture and its volume added to ``_volumes.tsv``;
+                  brain: np.ndarray | None = None, sidecar: dict | None = None,
+                  keep: tuple[Path, ...] = ()) -> None:
+    """Every output in ``paths`` as one set (``utils.files.write_set``): all appear
+    together, the ``_dseg.nii.gz`` last, or, after an error or Ctrl-C, none does. The set
+    replaces the scan's previous one whole: a previous output this set does not include
+    (``_probseg`` without ``--probabilities``, a brain mask when none was extracted) is
+    deleted, and so are temporaries a killed run left. ``brain``: the brain mask used (on
+    the scan's grid), outlined in the QC picture and its volume added to ``_volumes.tsv``;
     written as ``_desc-brain_mask.nii.gz`` when ``paths`` names it. ``sidecar``: what
-    ``_dseg.json`` records (options, weights, skull-strip decision, warnings)."""
-    next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
-    write_nifti(seg.labels, scan, paths["dseg"], dtype=np.uint8)
-    write_label_table(names, paths["dseg_tsv"])
-    write_text(volumes_table(seg.labels, names, scan.voxel_volume, brain), paths["volumes"])
-    if "probseg" in paths:
-        write_nifti(np.moveaxis(seg.probabilities, 0, -1), scan, paths["probseg"], dtype=np.float32)
-    if "brain_mask" in paths and brain is not None:
-        write_nifti((np.asarray(brain) > 0).astype(np.uint8), scan, paths["brain_mask"], dtype=np.uint8)
-    if "sidecar" in paths:
-        write_text(sidecar_json(sidecar or {}), paths["sidecar"])
+    ``_dseg.json`` records (options, weights, skull-strip decision, warnings). ``keep``:
+    the run's own inputs (a ``--mask`` that is a previous run's brain mask), never deleted."""
+    paths[COMMIT].parent.mkdir(parents=True, exist_ok=True)
+    writers = output_writers(seg, scan, paths, names, brain, sidecar)
+    everything = scan_outputs(paths)
+    remove_stale_temporaries(everything.values())
+    kept = {Path(path).resolve() for path in keep}
+    obsolete = [path for key, path in everything.items()
+                if key not in writers and path.exists() and path.resolve() not in kept]
+    write_set([(paths[key], write) for key, write in writers.items()], remove=obsolete)
+
+
+def output_writers(seg: Segmentation, scan: Scan, paths: dict[str, Path], names: dict[int, str],
+                   brain: np.ndarray | None, sidecar: dict | None) -> dict[str, Callable[[str], None]]:
+    """Key -> ``write(tmp)`` for each output ``write_outputs`` writes, ``_dseg`` last.
+    The QC picture, the slow part, is drawn here, before any temporary exists."""
     png = qc_png(scan, seg.labels, names, brain)
-    atomic_write(paths["qc"], lambda tmp: Path(tmp).write_bytes(png))
+    texts = {"dseg_tsv": label_table(names), "volumes": volumes_table(seg.labels, names, scan.voxel_volume, brain)}
+    if "sidecar" in paths:
+        texts["sidecar"] = sidecar_json(sidecar or {})
+    writers: dict[str, Callable[[str], None]] = {key: _text_writer(text) for key, text in texts.items()}
+    writers["qc"] = lambda tmp: Path(tmp).write_bytes(png)
+    if "probseg" in paths:
+        writers["probseg"] = lambda tmp: write_nifti(np.moveaxis(seg.probabilities, 0, -1), scan, Path(tmp),
+                                                     dtype=np.float32)
+    if "brain_mask" in paths and brain is not None:
+        mask = (np.asarray(brain) > 0).astype(np.uint8)
+        writers["brain_mask"] = lambda tmp: write_nifti(mask, scan, Path(tmp), dtype=np.uint8)
+    writers[COMMIT] = lambda tmp: write_nifti(seg.labels, scan, Path(tmp), dtype=np.uint8)
+    return writers
+
+
+def _text_writer(text: str) -> Callable[[str], None]:
+    return lambda tmp: Path(tmp).write_text(text)
 
 
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
