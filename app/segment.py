@@ -257,7 +257,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 seg = segment_scan(scan, network, card, overlap=options.overlap, tta=options.tta, mask=brain.mask,
                                    window=options.window, on_window=on_window)
                 brain_array = brain.mask.array if brain.mask is not None else None
-                warnings = plausibility(seg.labels, card.labels, scan.voxel_volume, brain_array)
+                warnings = plausibility(seg.labels, card.labels, scan.voxel_volume, brain_array, scan.voxel_sizes)
                 sidecar = {"Sources": [str(Path(path).resolve())], "Weights": weights_record, "Options": settings,
                            "SkullStrip": brain.record(), "Warnings": warnings}
                 write_outputs(seg, scan, paths, card.labels, brain_array, sidecar,

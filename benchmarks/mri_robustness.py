@@ -162,7 +162,7 @@ def segment(scan_path: Path, network, brain_stage: BrainStage, args, keep: Path 
     seg = segment_scan(scan, network, network.card, overlap=args.overlap, mask=brain.mask, window=None)
     seconds = time.perf_counter() - start
     mask = brain.mask.array if brain.mask is not None else None
-    warnings = plausibility(seg.labels, network.card.labels, scan.voxel_volume, mask)
+    warnings = plausibility(seg.labels, network.card.labels, scan.voxel_volume, mask, scan.voxel_sizes)
     if keep is not None:
         paths = output_paths(scan_path, keep, False, brain.extracted)
         write_outputs(seg, scan, paths, network.card.labels, mask, {"SkullStrip": brain.record(),

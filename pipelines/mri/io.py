@@ -58,6 +58,11 @@ class Scan:
     def voxel_volume(self) -> float:
         return float(abs(np.linalg.det(self.affine[:3, :3])))
 
+    @property
+    def voxel_sizes(self) -> tuple[float, ...]:
+        """mm along each voxel axis (the affine's column lengths)."""
+        return tuple(float(v) for v in voxel_sizes(self.affine))
+
 
 def scan_stem(path: str | Path) -> str:
     path = Path(path)

@@ -10,9 +10,18 @@ segmented as brain (GM+WM of 1.8-3.2 L on mrtrix-sub01) or half a brain always d
   women; Good et al. 2001 (NeuroImage 14:21, 465 adults): GM ~0.75 L + WM ~0.45 L. The
   MNI152 2009 template, larger than an individual brain (registration averaging),
   segments to 1.74 L, near the top.
-* GM/WM ratio: ``GM_WM_RATIO`` = 0.9-2.2. About 1.3-1.8 in adults (Good et al. 2001;
+* GM/WM ratio: ``GM_WM_RATIO`` = 0.9-2.5. About 1.3-1.8 in adults (Good et al. 2001;
   Ge et al. 2002, AJNR 23:1327: GM falls and WM peaks around 40-50 years), wider here
-  since methods place the GM/WM boundary differently (psc: 1.68 on MNI152).
+  since methods place the GM/WM boundary differently: IBSR's manual labels give
+  1.48-2.25 (IBSR_16: 2.25), FreeSurfer 1.07 on mrtrix-sub01, psc 1.68 on MNI152.
+* CSF: at least ``MIN_CSF_FRACTION`` (0.4 %) of GM + WM. The ventricles alone hold
+  7-50 ml in adults (Kruggel 2006), and IBSR's manual CSF is 8.8-32 ml, 0.75-2.8 % of its
+  GM + WM; a network that finds almost none has missed the ventricles, as the shipped
+  model does on 3 mm and 5 mm-slice scans (1-4 ml, CSF Dice 0.04-0.38,
+  docs/results-mri.md).
+* voxel size: at most ``MAX_VOXEL_MM`` (2 mm, +2 % for rounding) along every axis.
+  psc's models are trained and validated on 1-2 mm scans; on coarser voxels thin
+  structures are unreliable however plausible the volumes look, so the result says so.
 * intracranial volume, the brain mask: ``INTRACRANIAL_LITRES`` = 1.0-2.1 L. Buckner
   et al. 2004 (NeuroImage 23:724, adults 18-93): estimated total intracranial volume
   1.2-1.8 L; Malone et al. 2015 (NeuroImage 104:366) similar.
@@ -31,7 +40,9 @@ from __future__ import annotations
 import numpy as np
 
 TISSUE_LITRES = (0.8, 1.8)
-GM_WM_RATIO = (0.9, 2.2)
+GM_WM_RATIO = (0.9, 2.5)
+MIN_CSF_FRACTION = 0.004
+MAX_VOXEL_MM = 2.0
 INTRACRANIAL_LITRES = (1.0, 2.1)
 MAX_BORDER_FRACTION = 0.005
 
@@ -56,10 +67,15 @@ def border_fraction(labels: np.ndarray) -> float:
 
 
 def check(labels: np.ndarray, names: dict[int, str], voxel_volume: float,
-          brain: np.ndarray | None = None) -> list[str]:
+          brain: np.ndarray | None = None, voxel_sizes=None) -> list[str]:
     """The warnings for one segmentation (empty: plausible). ``voxel_volume`` in mm^3;
-    ``brain``: the brain mask used (extracted or given), on the same grid."""
+    ``brain``: the brain mask used (extracted or given), on the same grid;
+    ``voxel_sizes``: the scan's voxel sizes in mm (``io.voxel_sizes(affine)``)."""
     warnings: list[str] = []
+    if voxel_sizes is not None and max(voxel_sizes) > MAX_VOXEL_MM * 1.02:
+        sizes = " x ".join(f"{v:.2g}" for v in voxel_sizes)
+        warnings.append(f"voxels of {sizes} mm are coarser than the 1-{MAX_VOXEL_MM:g} mm psc is validated on: "
+                        "thin structures (CSF, cortex) are unreliable; check the QC picture")
     counts = np.bincount(np.asarray(labels).ravel(), minlength=max(names) + 1)
     litres = lambda voxels: float(voxels) * voxel_volume / 1e6  # noqa: E731
     gm, wm = _label(names, "GM"), _label(names, "WM")
@@ -77,6 +93,12 @@ def check(labels: np.ndarray, names: dict[int, str], voxel_volume: float,
                 warnings.append(f"GM/WM ratio is {ratio:.2f}, outside the adult range {low}-{high}")
         elif counts[gm]:
             warnings.append("no WM labelled at all")
+        csf = _label(names, "CSF")
+        if csf is not None and counts[gm] + counts[wm]:
+            fraction = counts[csf] / (counts[gm] + counts[wm])
+            if fraction < MIN_CSF_FRACTION:
+                warnings.append(f"CSF is {litres(counts[csf]) * 1000:.1f} ml, {100 * fraction:.2f} % of GM+WM (adult "
+                                f"ventricles alone are at least {100 * MIN_CSF_FRACTION:g} %): ventricles missed?")
     on_border = border_fraction(labels)
     if on_border > MAX_BORDER_FRACTION:
         warnings.append(f"{100 * on_border:.1f} % of the labelled voxels lie on the image border "
