@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from display import needs_display
 from mri_fixtures import brain_phantom, oblique_affine, save_nifti, save_tiny_model
 from psc.pipelines.mri.brain import BrainExtractor, BrainStage, decide, is_skull_stripped
 from psc.pipelines.mri.config import LABELS
@@ -199,13 +200,15 @@ def test_deepbet_finds_the_mrtrix_brain(extractor):
 
 # --- plausibility ------------------------------------------------------------------------
 
-def adult_labels(gm_l=0.7, wm_l=0.5, shape=(180, 180, 180)):
-    """A 1 mm label map with the given GM and WM litres, well inside the grid."""
+def adult_labels(gm_l=0.7, wm_l=0.5, csf_ml=15.0, shape=(180, 180, 180)):
+    """A 1 mm label map with the given GM and WM litres and CSF millilitres, well inside
+    the grid."""
     labels = np.zeros(shape, np.uint8)
     inner = labels[20:-20, 20:-20, 20:-20].copy().reshape(-1)
-    gm, wm = int(gm_l * 1e6), int(wm_l * 1e6)
+    gm, wm, csf = int(gm_l * 1e6), int(wm_l * 1e6), int(csf_ml * 1e3)
     inner[:gm] = 2
     inner[gm:gm + wm] = 3
+    inner[gm + wm:gm + wm + csf] = 1
     labels[20:-20, 20:-20, 20:-20] = inner.reshape([s - 40 for s in shape])
     return labels
 
@@ -225,6 +228,20 @@ def test_implausible_volumes_warn():
     assert any("GM/WM ratio is 3.00" in w for w in check(adult_labels(0.9, 0.3), names, 1.0))
     full = np.full((40, 40, 40), 2, np.uint8)
     assert any("image border" in w for w in check(full, names, 1.0))
+    # The ventricles missed (the shipped model on 3 mm scans: 1-4 ml).
+    assert any("CSF is 2.0 ml" in w for w in check(adult_labels(csf_ml=2.0), names, 1.0))
+    assert check(adult_labels(csf_ml=8.8), names, 1.0) == []  # IBSR_03's manual CSF
+    # IBSR_16's manual labels have a GM/WM ratio of 2.25: a real brain, no warning.
+    assert check(adult_labels(1.0, 0.444), names, 1.0) == []
+
+
+def test_coarse_voxels_warn_whatever_the_volumes():
+    labels, names = adult_labels(), dict(LABELS)
+    assert check(labels, names, 1.0, voxel_sizes=(1.8, 1.875, 1.875)) == []  # mrtrix-sub01
+    assert check(labels, names, 1.0, voxel_sizes=(2.0, 2.0, 2.0)) == []
+    for sizes, shown in (((3.0, 3.0, 3.0), "3 x 3 x 3 mm"), ((1.0, 1.0, 5.0), "1 x 1 x 5 mm")):
+        warnings = check(labels, names, 1.0, voxel_sizes=sizes)
+        assert len(warnings) == 1 and shown in warnings[0] and "coarser" in warnings[0]
 
 
 # --- psc-segment -------------------------------------------------------------------------
@@ -308,12 +325,10 @@ def test_segment_mri_takes_the_skull_strip_choice(weights):
 
 
 @needs_mrtrix
+@needs_display
 def test_segment_widget_offers_skull_strip_and_adds_the_mask(make_napari_viewer, qtbot, weights):
     pytest.importorskip("napari")
-    from test_napari_widgets import TIMEOUT_MS, qt_can_start
-
-    if not qt_can_start():
-        pytest.skip("no display for Qt")
+    from test_napari_widgets import TIMEOUT_MS
     from psc.plugins.napari._widgets import EM, MRI, SegmentWidget
 
     scan = read_scan(MRTRIX / "sub-01_T1w.nii.gz")

@@ -7,10 +7,7 @@ xvfb: pytest-xvfb starts it); CI installs both, so there they run."""
 
 from __future__ import annotations
 
-import functools
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +15,10 @@ import pytest
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
+from display import needs_display  # noqa: E402
 
 
-@functools.lru_cache(maxsize=1)
-def qt_can_start() -> bool:
-    """A QApplication starts in a child process (Qt aborts the process when it cannot
-    reach a display, which must not take the test run with it)."""
-    if sys.platform.startswith("linux") and not any(
-            os.environ.get(v) for v in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")):
-        return False
-    probe = "from qtpy.QtWidgets import QApplication; QApplication([])"
-    try:
-        return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-pytestmark = pytest.mark.skipif(not qt_can_start(), reason="no display for Qt (install xvfb; pytest-xvfb starts it)")
+pytestmark = needs_display
 
 TIMEOUT_MS = 180_000
 SCREENSHOTS = os.environ.get("PSC_SCREENSHOTS")  # a folder: also keep the widget screenshots there
