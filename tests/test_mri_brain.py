@@ -315,13 +315,17 @@ def test_segment_mri_takes_the_skull_strip_choice(weights):
     from psc.plugins.napari._segment import segment_mri
 
     image, _ = brain_phantom()
-    labels, names, brain = segment_mri(image, oblique_affine(), weights, "cpu", skull_strip="auto")
+    labels, names, brain, warnings = segment_mri(image, oblique_affine(), weights, "cpu", skull_strip="auto")
     assert brain is None and names == dict(LABELS)  # a stripped image: nothing extracted
+    # The phantom is 40 ml, not an adult brain: the widget warns as psc-segment does.
+    assert any("GM+WM" in w for w in warnings) or any("no WM" in w for w in warnings), warnings
     model, card = load_weights(weights)
     expected = segment_scan(Scan(Path("x"), image, oblique_affine()), model, card, device="cpu").labels
     np.testing.assert_array_equal(labels, expected)
     with pytest.raises(InputError, match="--skull-strip"):
         segment_mri(image, oblique_affine(), weights, "cpu", skull_strip="sometimes")
+    with pytest.raises(InputError, match="NaN"):
+        segment_mri(np.where(image > 100, np.nan, image.astype(np.float32)), oblique_affine(), weights, "cpu")
 
 
 @needs_mrtrix

@@ -131,6 +131,11 @@ def test_segment_mri_adds_labels_on_the_image_grid(make_napari_viewer, qtbot, mr
     expected = segment_scan(read_scan(mri_outputs.scan), model, card, device="cpu").labels
     np.testing.assert_array_equal(labels.data, expected)
     assert list(labels.features["name"]) == ["background", "CSF", "GM", "WM"]
+    # A phantom, not an adult brain: psc-segment's plausibility warnings, in the status
+    # line and the layer's metadata, not silent.
+    warnings = labels.metadata["psc"]["warnings"]
+    assert any("GM+WM" in w for w in warnings), warnings
+    assert "warning" in widget.status.value
     assert widget.bar.max >= 1 and widget.bar.value == widget.bar.max
     assert widget.button.enabled
 

@@ -53,32 +53,40 @@ def _brain_extractor(device: str):
 
 def segment_mri(data: Any, affine: np.ndarray, weights: str | Path, device: str = "auto",
                 progress: Progress | None = None, skull_strip: str = "auto",
-                ) -> tuple[np.ndarray, dict[int, str], np.ndarray | None]:
-    """(labels on the image's grid, label names, the brain mask psc extracted or None)
-    for a 3-D T1 image. ``skull_strip`` is psc-segment's ``--skull-strip``: ``auto``
-    extracts the brain (deepbet) only when the image is not already skull-stripped."""
+                ) -> tuple[np.ndarray, dict[int, str], np.ndarray | None, list[str]]:
+    """(labels on the image's grid, label names, the brain mask psc extracted or None,
+    the plausibility warnings psc-segment would print) for a 3-D T1 image: the same
+    validation, brain step and plausibility check as psc-segment. ``skull_strip`` is
+    psc-segment's ``--skull-strip``: ``auto`` extracts the brain (deepbet) only when the
+    image is not already skull-stripped."""
     from psc.pipelines.inference import load_network
     from psc.pipelines.mri.brain import BrainStage
     from psc.pipelines.mri.inference import segment_scan
-    from psc.pipelines.mri.io import Scan
+    from psc.pipelines.mri.io import Scan, validate_scan
+    from psc.pipelines.mri.plausibility import check as plausibility
 
     array = np.asarray(data)
     if array.ndim != 3:
         raise InputError(f"the MRI pipeline segments 3-D images; this layer is {array.ndim}-D")
     if not np.any(array):
         raise InputError("the image is empty (every voxel is zero)")
+    try:
+        scan = validate_scan(Scan(Path("napari-layer"), array, np.asarray(affine, dtype=np.float64)))
+    except InputError as error:
+        raise InputError(f"this layer {error}") from None
     card = read_card(weights)
     if card.kind != MRI_TISSUE:
         raise _wrong_kind(weights, card, MRI_TISSUE)
     network = load_network(weights, MRI_TISSUE, device)  # sha256 and kind checked, fused, on its device
-    scan = Scan(Path("napari-layer"), array, np.asarray(affine, dtype=np.float64))
     brain = BrainStage(skull_strip, None, str(network.device), _brain_extractor)(scan)
     if brain.extracted and progress:
         progress(0, 1, f"brain extracted ({brain.seconds:.1f} s)")
     on_window = (lambda done, total: progress(done, total, f"window {done}/{total}")) if progress else None
     segmentation = segment_scan(scan, network, network.card, mask=brain.mask, on_window=on_window)
     mask = brain.mask.array.astype(bool) if brain.extracted else None
-    return segmentation.labels, dict(network.card.labels), mask
+    warnings = plausibility(segmentation.labels, network.card.labels, scan.voxel_volume,
+                            brain.mask.array if brain.mask is not None else None, scan.voxel_sizes)
+    return segmentation.labels, dict(network.card.labels), mask, warnings
 
 
 def write_raw(data: Any, voxel_size, offset, folder: Path) -> str:

@@ -197,7 +197,7 @@ class SegmentWidget(_Panel):
         return self.launch(function, partial(self._add_em, layer), f"segmenting {layer.name} (EM)")
 
     def _add_mri(self, image, affine: np.ndarray, result) -> None:
-        labels, names, brain = result
+        labels, names, brain, warnings = result
         grid = {"scale": image.scale, "translate": image.translate, "units": image.units,
                 "axis_labels": image.axis_labels}
         if brain is not None:  # the brain psc extracted (deepbet): a layer, below the tissue labels
@@ -205,11 +205,17 @@ class SegmentWidget(_Panel):
                                    metadata={"psc": {"kind": "mri", "role": "brain_mask",
                                                      "affine": np.asarray(affine).tolist()}}, **grid)
         meta = {"kind": "mri", "role": "dseg", "affine": np.asarray(affine).tolist(),
-                "labels": {str(k): v for k, v in names.items()}}
+                "labels": {str(k): v for k, v in names.items()}, "warnings": list(warnings)}
         self.viewer.add_labels(labels, name=f"{image.name} dseg", features=label_features(names),
                                colormap=tissue_colormap(names), opacity=0.5, metadata={"psc": meta}, **grid)
         extracted = "; brain extracted" if brain is not None else ""
-        self.status.value = f"{image.name}: {', '.join(n for i, n in names.items() if i)} labelled{extracted}"
+        flagged = f"; {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+        self.status.value = f"{image.name}: {', '.join(n for i, n in names.items() if i)} labelled{extracted}{flagged}"
+        if warnings:  # never silently wrong: as psc-segment's stderr lines, and in the layer's metadata
+            from napari.utils.notifications import show_warning
+
+            for warning in warnings:
+                show_warning(f"psc: {image.name}: {warning}")
 
     def _add_em(self, image, out) -> None:
         data, kwargs, _ = em_layer(out, "segmentation", run=out, layer_name=f"{image.name} segmentation")
