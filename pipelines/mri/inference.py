@@ -121,7 +121,7 @@ def preprocess(scan: Scan, card: ModelCard, mask: Scan | None = None) -> ModelSp
         if not bool(brain_ms.any()):
             raise InputError(f"mask {mask.path.name} is empty after resampling to the model's grid")
     x = normalise(image.as_tensor(), brain_ms)
-    box = brain_bbox(brain_ms.float() if brain_ms is not None else x)
+    box = brain_bbox(brain_ms.float() if brain_ms is not None else x, config.INFERENCE_CROP_MARGIN)
     return ModelSpaceInput(image, x[(slice(None), *box)][None], box, brain_ms)
 
 
