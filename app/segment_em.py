@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,6 +60,9 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     options = filled(args, EMRunOptions)
     raw = inputs[0]
     out = args.output or default_output(raw)
+    from psc.pipelines.em.run import check_output
+
+    check_output(raw, out)  # before anything is written: never into, nor deleting, the input
     if not str(out).endswith(".zarr"):
         raise InputError(f"{out}: the EM output must be a .zarr container")
     weights = options.weights or ShippedWeights.EM_AFFINITY.value.path
@@ -76,32 +78,42 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
         device = options.device       # auto is resolved by each worker
     else:
         device = str(resolve_device(options.device))
-    if options.force and Path(out).exists():
-        shutil.rmtree(out)
-    resuming = (Path(out) / layout.TRACKING_DIR).exists()
+    from psc.pipelines.em.lock import run_lock
+    from psc.pipelines.em.run import check_output_container
+
+    check_output_container(out)  # and never into, nor deleting, a container that is not a psc run
+    resuming = (Path(out) / layout.TRACKING_DIR).exists() and not options.force
     started = time.perf_counter()
     try:
-        prepare(str(raw), out, weights, block_size=options.block_size, thresholds=options.thresholds,
-                threshold=threshold, device=device, precision=options.precision,
-                workers=max(1, options.workers))
+        lock = run_lock(out)
+        lock.__enter__()
     except OSError as error:
         raise InputError(f"{out}: cannot write here ({error.strerror or error})") from None
-    if resuming:
-        console.print(f"resuming the run in {out}", highlight=False)
-    try:
-        stages = tuple(args.stage) if args.stage else STAGE_NAMES
-        result = run(out, workers=options.workers, worker_command=options.worker_command, host=options.host,
-                     stages=stages, spool=options.spool)
-    except EMRunError as error:
-        print(f"psc-segment: error: {error}", file=sys.stderr)
-        return 1
-    segments = result["segments"].get(float(threshold))
-    summary = f"; {segments} segments at threshold {threshold:g}" if segments is not None else ""
-    console.print(f"{raw}: {time.perf_counter() - started:.1f} s{summary}", highlight=False)
-    if "relabel" in stages:
-        from psc.pipelines.em.qc import write_qc
+    try:  # held from the settings to the QC picture: one psc-segment per OUT.zarr
+        try:
+            prepare(str(raw), out, weights, block_size=options.block_size, thresholds=options.thresholds,
+                    threshold=threshold, device=device, precision=options.precision,
+                    workers=max(1, options.workers), force=options.force)
+        except OSError as error:
+            raise InputError(f"{out}: cannot write here ({error.strerror or error})") from None
+        if resuming:
+            console.print(f"resuming the run in {out}", highlight=False)
+        try:
+            stages = tuple(args.stage) if args.stage else STAGE_NAMES
+            result = run(out, workers=options.workers, worker_command=options.worker_command, host=options.host,
+                         stages=stages, spool=options.spool)
+        except EMRunError as error:
+            print(f"psc-segment: error: {error}", file=sys.stderr)
+            return 1
+        segments = result["segments"].get(float(threshold))
+        summary = f"; {segments} segments at threshold {threshold:g}" if segments is not None else ""
+        console.print(f"{raw}: {time.perf_counter() - started:.1f} s{summary}", highlight=False)
+        if "relabel" in stages:
+            from psc.pipelines.em.qc import write_qc
 
-        write_qc(out)
+            write_qc(out)
+    finally:
+        lock.__exit__(None, None, None)
     for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION, layout.GRAPH_FILE, "qc.png"):
         if (Path(out) / name).exists():
             console.print(f"  {Path(out) / name}", highlight=False)

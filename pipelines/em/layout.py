@@ -16,6 +16,13 @@ import zarr
 AFFINITIES, FRAGMENTS, SEGMENTATION = "affinities", "fragments", "segmentation"
 GRAPH_FILE = "graph.sqlite"
 TRACKING_DIR = ".tracking"
+LOGS_DIR = ".logs"
+SPOOL_DIR = ".workers"  # spool.SPOOL_DIR
+QC_FILE = "qc.png"
+# what a run writes beside the arrays its stages create (stages.STAGES[*].creates), and
+# all that --force removes (run.clear_run); the lock file (lock.LOCK_FILE) stays
+RUN_FILES = (GRAPH_FILE, GRAPH_FILE + "-wal", GRAPH_FILE + "-shm", GRAPH_FILE + "-journal", QC_FILE,
+             TRACKING_DIR, LOGS_DIR, SPOOL_DIR)
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -33,6 +40,7 @@ class RunSettings:
     precision: str = "fp32"  # resolved by each worker on its own device (psc.pipelines.precision)
     threads_per_worker: int = 1
     weights_sha256: str = ""  # of the weights file when the run was prepared ("" for older runs)
+    raw_fingerprint: dict = field(default_factory=dict)  # volumes.fingerprint of the raw ({} for older runs)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -46,6 +54,47 @@ class RunSettings:
 
     def save(self, out: str | Path) -> None:
         zarr.open_group(str(out), mode="a").attrs["psc"] = asdict(self)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a run does when a setting differs from the one it was prepared with:
+    ``fixed`` (refused: start over with --force or another -o), ``invalidates`` a stage
+    (its done markers are dropped before it writes again), or neither (``why`` says why
+    the output does not depend on it)."""
+
+    fixed: bool = False
+    invalidates: str | None = None
+    why: str = ""
+
+
+# The one table of the run's settings (a test checks that every RunSettings field is
+# here, and docs/em.md "What a run guarantees" says the same).
+SETTING_RULES: dict[str, Rule] = {
+    "raw": Rule(fixed=True, why="predict reads it"),
+    "raw_name": Rule(fixed=True, why="predict reads it"),
+    "raw_fingerprint": Rule(fixed=True, why="the raw's content, re-converted at the same path"),
+    "weights": Rule(fixed=True, why="predict's network"),
+    "weights_sha256": Rule(fixed=True, why="the weights' content, replaced at the same path"),
+    "precision": Rule(fixed=True, why="predict's arithmetic: fp32, bf16 and fp16 affinities differ"),
+    "device": Rule(fixed=True, why="predict's arithmetic (and what precision auto resolves to)"),
+    "block_size": Rule(fixed=True, why="the block grid, the chunks and the fragment ids"),
+    "context": Rule(fixed=True, why="fragments and edges see it"),
+    "fragment_threshold": Rule(fixed=True, why="fragments' watershed"),
+    "threshold": Rule(invalidates="relabel", why="the lookup table relabel applies"),
+    "thresholds": Rule(why="merge recomputes every table on every run; a table does not depend on the others"),
+    "threads_per_worker": Rule(why="only how many threads a worker uses (follows --workers)"),
+    "extra": Rule(why="the run's own bookkeeping (what each stage's done markers were made with)"),
+}
+
+
+def fixed_settings() -> tuple[str, ...]:
+    return tuple(name for name, rule in SETTING_RULES.items() if rule.fixed)
+
+
+def invalidating(stage: str) -> tuple[str, ...]:
+    """The settings whose change drops ``stage``'s done markers."""
+    return tuple(name for name, rule in SETTING_RULES.items() if rule.invalidates == stage)
 
 
 def default_output(raw: str | Path) -> Path:

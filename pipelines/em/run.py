@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import daisy
+import zarr
 from funlib.geometry import Coordinate, Roi
 
 from psc.models.weights import EM_AFFINITY, read_card
@@ -30,11 +32,13 @@ from psc.utils.errors import InputError
 
 from ..precision import check_precision
 from . import layout
+from .lock import LOCK_FILE, run_lock
 from .spool import SpoolWorker, finish_run, start_run
 from .stages import STAGE_NAMES, STAGES, BlockFunction, Stage, StageWorker
-from .volumes import create_volume, open_container, open_volume
+from .volumes import create_volume, fingerprint, is_zarr_path, open_container, open_volume
 
-__all__ = ["STAGE_NAMES", "EMRunError", "StageReport", "check_spool", "prepare", "run"]
+__all__ = ["STAGE_NAMES", "EMRunError", "StageReport", "check_output", "check_output_container", "check_spool",
+           "clear_run", "prepare", "run"]
 
 MAX_RETRIES = 2
 BLOCK_TIMEOUT_S = 3600
@@ -66,17 +70,98 @@ class RemoteWorker:
         subprocess.run(command, shell=True, env=env, check=True)
 
 
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(raw: str | Path, out: str | Path) -> None:
+    """Refuse an output that is, contains or lies inside the input: the raw array, or the
+    zarr container(s) it sits in (``X.zarr/raw -o X.zarr`` would write into, and with
+    --force delete, the input). Paths are compared resolved (symlinks followed)."""
+    raw_path, out_path = Path(raw).resolve(), Path(out).resolve()
+    input_root = raw_path
+    for parent in raw_path.parents:  # the outermost zarr container holding the raw
+        if parent.name.endswith(".zarr") or is_zarr_path(parent):
+            input_root = parent
+        else:
+            break
+    if _within(out_path, input_root) or _within(raw_path, out_path):
+        raise InputError(f"{out}: the output is, contains or lies inside the input {raw}: choose another -o")
+
+
+def _is_run(out: Path) -> bool:
+    try:
+        return "psc" in zarr.open_group(str(out), mode="r").attrs
+    except Exception:  # zarr raises several kinds for a folder that is not a group
+        return False
+
+
+def check_output_container(out: str | Path) -> bool:
+    """Whether ``out`` holds a psc run (False: nothing there yet, or an empty folder or
+    zarr group). Anything else (another container, a file, someone's data) is refused,
+    with or without --force: a run never writes into, nor deletes, what it did not make."""
+    out = Path(out)
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder: choose another -o")
+    if _is_run(out):
+        return True
+    if {entry.name for entry in out.iterdir()} - {LOCK_FILE, "zarr.json", ".zgroup", ".zattrs"}:
+        raise InputError(f"{out} is not a psc run and not empty: choose another -o "
+                         "(--force only removes what a psc run wrote)")
+    return False
+
+
+def clear_run(out: str | Path) -> None:
+    """``--force``: remove what a psc run wrote in ``out`` (the arrays its stages create,
+    ``layout.RUN_FILES``, its settings and its arrays' OME-Zarr entries), nothing else:
+    foreign arrays and files in the container stay, and so does the lock file."""
+    out = Path(out)
+    if not _is_run(out):
+        return
+    arrays = {array.name for stage in STAGES for array in stage.creates}
+    for name in (*sorted(arrays), *layout.RUN_FILES):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    group = zarr.open_group(str(out), mode="a")
+    ome = dict(group.attrs.get("ome", {}))
+    if ome.get("multiscales"):
+        ome["multiscales"] = [entry for entry in ome["multiscales"] if entry.get("name") not in arrays]
+        group.attrs["ome"] = ome
+    group.attrs.pop("psc", None)
+
+
+def _normal(value):
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
 def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | None = None,
             block_size=(64, 64, 64), thresholds=layout.DEFAULT_THRESHOLDS, threshold: float = 0.5,
-            device: str = "cpu", precision: str = "fp32", workers: int = 1) -> layout.RunSettings:
+            device: str = "cpu", precision: str = "fp32", workers: int = 1,
+            force: bool = False) -> layout.RunSettings:
     """Create (or reopen, for a resume) the output container and its arrays.
 
     ``precision`` (``psc.pipelines.precision``) is resolved by each worker on its own
     device. In fp32 a blockwise run equals a whole-volume run to float rounding; in
     bf16/fp16 to that precision's rounding. The weights are verified here, once, before
     any array is written (file, sha256 against the card, an EM affinity model): a corrupt
-    or wrong file is one clear error, not a failure in every worker's first block."""
+    or wrong file is one clear error, not a failure in every worker's first block.
+
+    Refused before anything is written: an output that overlaps the input
+    (:func:`check_output`), a container that is not a psc run (:func:`check_output_container`),
+    a run held by another process (``lock.run_lock``), and a resume whose fixed settings
+    (``layout.SETTING_RULES``), raw content or weights content differ. ``force``: remove
+    what the earlier run wrote (:func:`clear_run`) and start over."""
     card = read_card(weights, EM_AFFINITY)
+    check_output(raw, out)
     source = open_volume(raw, raw_name)
     if source.channels:
         raise InputError(f"{raw}: raw must be a single-channel 3-D volume, got shape {source.array.shape}")
@@ -88,26 +173,37 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
         raw=str(Path(raw).resolve()), raw_name=raw_name, weights=str(Path(weights).resolve()),
         block_size=block_size, thresholds=thresholds, threshold=float(threshold), device=device,
         precision=check_precision(precision), threads_per_worker=max(1, (os.cpu_count() or 1) // max(1, workers)),
-        weights_sha256=card.sha256,
+        weights_sha256=card.sha256, raw_fingerprint=fingerprint(source),
     )
-    group = open_container(out, mode="a")
-    previous = group.attrs.get("psc")
-    if previous is not None:
-        fixed = ("raw", "raw_name", "weights", "block_size", "context", "fragment_threshold")
-        now = asdict(settings)
-        normal = lambda value: list(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
-        changed = [k for k in fixed if normal(previous.get(k)) != normal(now[k])]
-        if previous.get("weights_sha256") and previous["weights_sha256"] != settings.weights_sha256:
-            changed.append("weights (same path, other content)")  # runs before the field have no hash
-        if changed:
-            raise InputError(f"{out} holds a run with other {', '.join(changed)}: use a new output or --force")
-        settings.extra = dict(previous.get("extra") or {})
-    chunks = block_size
-    common = dict(voxel_size=source.voxel_size, offset=source.offset, chunks=chunks)
-    for stage in STAGES:
-        for array in stage.creates:
-            create_volume(group, array.name, source.shape, array.dtype, channels=array.channels, **common)
-    settings.save(out)
+    check_output_container(out)
+    with run_lock(out):
+        if force:
+            clear_run(out)
+        group = open_container(out, mode="a")
+        previous = group.attrs.get("psc")
+        if previous is not None:
+            now = asdict(settings)
+            changed = []
+            for key in layout.fixed_settings():
+                if key not in previous or (key in ("weights_sha256", "raw_fingerprint") and not previous[key]):
+                    continue  # a run prepared before the setting existed
+                if _normal(previous[key]) != _normal(now[key]):
+                    changed.append(key)
+            if "raw_fingerprint" in changed:
+                raise InputError(f"{raw} changed since the run in {out} began (its shape, dtype, chunks or "
+                                 "content): start over with --force or another -o")
+            if "weights_sha256" in changed:
+                changed[changed.index("weights_sha256")] = "weights (same path, other content)"
+            if changed:
+                raise InputError(f"{out} holds a run with other {', '.join(changed)}: these are fixed for a run; "
+                                 "start over with --force or another -o")
+            settings.extra = dict(previous.get("extra") or {})
+        chunks = block_size
+        common = dict(voxel_size=source.voxel_size, offset=source.offset, chunks=chunks)
+        for stage in STAGES:
+            for array in stage.creates:
+                create_volume(group, array.name, source.shape, array.dtype, channels=array.channels, **common)
+        settings.save(out)
     return settings
 
 
@@ -219,6 +315,12 @@ def run(out: str | Path, workers: int = 1, worker_command: str | None = None, ho
         raise InputError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGE_NAMES)}")
     check_spool(spool, workers, worker_command)
     out = str(out)
+    with run_lock(out):  # the scheduler's; workers never take it (lock.py)
+        return _run_spooled(out, workers, worker_command, host, progress, stages, spool)
+
+
+def _run_spooled(out: str, workers: int, worker_command: str | None, host: str | None, progress: bool,
+                 stages: tuple[str, ...], spool: bool) -> dict:
     if not spool:
         return _run(out, workers, worker_command, host, progress, stages, False)
     run_id = start_run(out)

@@ -44,6 +44,10 @@ from . import layout
 BlockProcess = Callable[[Roi, Roi], None]  # process(read_roi, write_roi), read_roi clipped to the volume
 
 
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 def worker_id() -> int:
     """This worker's number from daisy's context (0 outside a distributed run)."""
     if "DAISY_CONTEXT" not in os.environ:
@@ -111,7 +115,30 @@ class Stage:
         yield  # pragma: no cover
 
     def drop_artifacts(self, out: str, settings: layout.RunSettings) -> None:
-        """Forget what is stale before the stage runs (default: nothing)."""
+        """Forget what is stale before the stage runs. Default: the settings that
+        invalidate this stage (``layout.SETTING_RULES``) are compared with those its done
+        markers were made with (``extra["made_with"][name]``); if they differ the markers
+        are dropped, and then the current ones are recorded (saved) *before* any block
+        runs, so every marker ever present was made with the recorded settings: an
+        interrupted stage resumed with other settings redoes every block."""
+        keys = layout.invalidating(self.name)
+        if not keys:
+            return
+        now = {key: _plain(getattr(settings, key)) for key in keys}
+        made_with = dict(settings.extra.get("made_with") or {})
+        before = made_with.get(self.name)
+        if before is None:
+            before = self.legacy_made_with(settings)
+        if before is not None and before != now:
+            shutil.rmtree(layout.tracking_path(out, self.name), ignore_errors=True)
+        if made_with.get(self.name) != now:
+            made_with[self.name] = now
+            settings.extra["made_with"] = made_with
+            settings.save(out)  # atomic (zarr writes zarr.json beside, then renames)
+
+    def legacy_made_with(self, settings: layout.RunSettings) -> dict | None:
+        """For runs prepared before ``made_with``: what the markers were made with, if known."""
+        return None
 
     def finished(self, out: str, settings: layout.RunSettings) -> None:
         """Record what the next run needs once every block is done (default: nothing)."""
@@ -257,12 +284,16 @@ class Relabel(Stage):
 
         yield process
 
-    def drop_artifacts(self, out: str, settings: layout.RunSettings) -> None:
-        """The done markers belong to one threshold; a new threshold redoes every block."""
-        if settings.extra.get("relabelled_at", settings.threshold) != settings.threshold:
-            shutil.rmtree(layout.tracking_path(out, self.name), ignore_errors=True)
+    def legacy_made_with(self, settings: layout.RunSettings) -> dict | None:
+        """Older runs recorded the threshold only once relabel had finished
+        (``relabelled_at``); none recorded: the markers are kept, as those runs did."""
+        if "relabelled_at" in settings.extra:
+            return {"threshold": float(settings.extra["relabelled_at"])}
+        return {"threshold": float(settings.threshold)}
 
     def finished(self, out: str, settings: layout.RunSettings) -> None:
+        """``relabelled_at``: the threshold of a complete segmentation (what the napari
+        widget shows); the markers' own record is ``made_with``, written before."""
         settings.extra["relabelled_at"] = settings.threshold
         settings.save(out)
 

@@ -292,3 +292,29 @@ def read_clamped(volume: Volume, roi: Roi) -> np.ndarray:
     inside = volume.read(Roi(lo, [h - l for h, l in zip(hi, lo)]))
     channel = (slice(None),) if volume.channels else ()
     return inside[channel + np.ix_(*[c - l for c, l in zip(index, lo)])]
+
+
+FINGERPRINT_CHUNKS = 8  # chunks whose content is hashed (evenly spaced in the chunk grid)
+
+
+def fingerprint(volume: Volume, samples: int = FINGERPRINT_CHUNKS) -> dict:
+    """What identifies a raw volume beyond its path: shape, dtype, chunking, and the
+    sha256 of ``samples`` chunks chosen deterministically (evenly spaced over the chunk
+    grid in C order, first and last included). A re-conversion to the same path that
+    changes the content changes the hash unless it leaves every sampled chunk as it was."""
+    import hashlib
+
+    array = volume.array
+    shape, chunks = tuple(int(s) for s in array.shape), tuple(int(c) for c in array.chunks)
+    grid = tuple(-(-s // c) for s, c in zip(shape, chunks))
+    total = int(np.prod(grid))
+    picked = sorted({int(round(i)) for i in np.linspace(0, total - 1, min(samples, total))}) if total else []
+    digest = hashlib.sha256()
+    for linear in picked:
+        index = np.unravel_index(linear, grid)
+        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+        data = np.ascontiguousarray(array[region])
+        digest.update(f"{linear}:{data.shape}".encode())
+        digest.update(data.tobytes())
+    return {"shape": list(shape), "dtype": str(np.dtype(array.dtype)), "chunks": list(chunks),
+            "sampled_chunks": len(picked), "sha256": digest.hexdigest()}
