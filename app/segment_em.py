@@ -79,9 +79,11 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     else:
         device = str(resolve_device(options.device))
     from psc.pipelines.em.lock import run_lock
-    from psc.pipelines.em.run import check_output_container
+    from psc.pipelines.em.run import check_inputs
 
-    check_output_container(out)  # and never into, nor deleting, a container that is not a psc run
+    # every refusal prepare() makes before writing, made before the lock creates OUT.zarr:
+    # a bad input leaves nothing behind (nor a container that is not a psc run deleted)
+    check_inputs(str(raw), out, weights, block_size=options.block_size, precision=options.precision)
     resuming = (Path(out) / layout.TRACKING_DIR).exists() and not options.force
     started = time.perf_counter()
     try:

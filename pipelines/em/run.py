@@ -37,8 +37,8 @@ from .spool import SpoolWorker, finish_run, start_run
 from .stages import STAGE_NAMES, STAGES, BlockFunction, Stage, StageWorker
 from .volumes import create_volume, fingerprint, is_zarr_path, open_container, open_volume
 
-__all__ = ["STAGE_NAMES", "EMRunError", "StageReport", "check_output", "check_output_container", "check_spool",
-           "clear_run", "prepare", "run"]
+__all__ = ["STAGE_NAMES", "EMRunError", "StageReport", "check_inputs", "check_output", "check_output_container",
+           "check_spool", "clear_run", "prepare", "run"]
 
 MAX_RETRIES = 2
 BLOCK_TIMEOUT_S = 3600
@@ -143,6 +143,24 @@ def _normal(value):
     return value
 
 
+def check_inputs(raw: str | Path, out: str | Path, weights: str | Path, *, raw_name: str | None = None,
+                 block_size=(64, 64, 64), precision: str = "fp32"):
+    """What :func:`prepare` refuses before it writes anything (weights, the output's place,
+    the raw, the block size, the output container); psc-segment calls it before it takes
+    the run's lock, which creates ``out``. Returns the card, the raw and the block size."""
+    card = read_card(weights, EM_AFFINITY)
+    check_precision(precision)
+    check_output(raw, out)
+    source = open_volume(raw, raw_name)
+    if source.channels:
+        raise InputError(f"{raw}: raw must be a single-channel 3-D volume, got shape {source.array.shape}")
+    block_size = tuple(int(b) for b in block_size)
+    if any(b <= 0 or b % 4 for b in block_size):
+        raise InputError(f"block size {block_size}: each side must be a positive multiple of 4")
+    check_output_container(out)
+    return card, source, block_size
+
+
 def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | None = None,
             block_size=(64, 64, 64), thresholds=layout.DEFAULT_THRESHOLDS, threshold: float = 0.5,
             device: str = "cpu", precision: str = "fp32", workers: int = 1,
@@ -160,14 +178,8 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
     a run held by another process (``lock.run_lock``), and a resume whose fixed settings
     (``layout.SETTING_RULES``), raw content or weights content differ. ``force``: remove
     what the earlier run wrote (:func:`clear_run`) and start over."""
-    card = read_card(weights, EM_AFFINITY)
-    check_output(raw, out)
-    source = open_volume(raw, raw_name)
-    if source.channels:
-        raise InputError(f"{raw}: raw must be a single-channel 3-D volume, got shape {source.array.shape}")
-    block_size = tuple(int(b) for b in block_size)
-    if any(b <= 0 or b % 4 for b in block_size):
-        raise InputError(f"block size {block_size}: each side must be a positive multiple of 4")
+    card, source, block_size = check_inputs(raw, out, weights, raw_name=raw_name, block_size=block_size,
+                                            precision=precision)
     thresholds = tuple(sorted({float(t) for t in thresholds} | {float(threshold)}))
     settings = layout.RunSettings(
         raw=str(Path(raw).resolve()), raw_name=raw_name, weights=str(Path(weights).resolve()),
@@ -175,8 +187,8 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
         precision=check_precision(precision), threads_per_worker=max(1, (os.cpu_count() or 1) // max(1, workers)),
         weights_sha256=card.sha256, raw_fingerprint=fingerprint(source),
     )
-    check_output_container(out)
     with run_lock(out):
+        check_output_container(out)  # again, under the lock
         if force:
             clear_run(out)
         group = open_container(out, mode="a")

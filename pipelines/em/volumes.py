@@ -313,7 +313,11 @@ def fingerprint(volume: Volume, samples: int = FINGERPRINT_CHUNKS) -> dict:
     for linear in picked:
         index = np.unravel_index(linear, grid)
         region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
-        data = np.ascontiguousarray(array[region])
+        try:
+            data = np.ascontiguousarray(array[region])
+        except Exception as error:  # a corrupt chunk: predict reports its blocks, as without a fingerprint
+            digest.update(f"{linear}:unreadable:{type(error).__name__}".encode())
+            continue
         digest.update(f"{linear}:{data.shape}".encode())
         digest.update(data.tobytes())
     return {"shape": list(shape), "dtype": str(np.dtype(array.dtype)), "chunks": list(chunks),
