@@ -220,3 +220,18 @@ def test_a_resume_with_another_fixed_setting_is_refused(case, change):
     with pytest.raises(InputError, match=f"{next(iter(change))}.*--force"):
         prepare(str(raw / "raw"), out, weights, **arguments)
     assert layout.RunSettings.load(out).precision == "fp32"
+
+
+def test_the_napari_overwrite_is_force_not_a_blanket_delete(tmp_path):
+    """The Segment widget's "overwrite" for EM goes through prepare(force=True): a folder
+    that is not a psc run is refused and its files stay."""
+    from psc.models.shipped import ShippedWeights
+    from psc.plugins.napari._segment import segment_em
+
+    foreign = tmp_path / "foreign.zarr"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("someone's data")
+    data = np.zeros((16, 16, 16), np.uint8)
+    with pytest.raises(InputError):
+        segment_em(None, foreign, ShippedWeights.EM_AFFINITY.value.path, "cpu", data=data, overwrite=True)
+    assert (foreign / "keep.txt").read_text() == "someone's data"

@@ -11,7 +11,6 @@ temporary container; the result is an EM run (``OUT.zarr``) like ``psc-segment``
 from __future__ import annotations
 
 import functools
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -126,9 +125,10 @@ def segment_em(raw: str | None, out: str | Path | None, weights: str | Path, dev
     if out is None:  # beside the raw container, as psc-segment does
         out = folder / "out.zarr" if folder else default_output(raw)
     out = Path(out)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    prepare(str(raw), out, weights, block_size=block_size, threshold=threshold, device=device, workers=1)
+    # force: psc-segment's --force, which removes only what a psc run wrote and refuses
+    # a container that is not one (never a blanket rmtree of the chosen folder).
+    prepare(str(raw), out, weights, block_size=block_size, threshold=threshold, device=device, workers=1,
+            force=overwrite)
     for done, stage in enumerate(STAGES, 1):
         if progress:
             progress(done - 1, len(STAGES), stage.name)
