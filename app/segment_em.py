@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from rich.console import Console
@@ -86,13 +87,9 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     check_inputs(str(raw), out, weights, block_size=options.block_size, precision=options.precision)
     resuming = (Path(out) / layout.TRACKING_DIR).exists() and not options.force
     started = time.perf_counter()
-    try:
-        lock = run_lock(out)
-        lock.__enter__()
-    except OSError as error:
-        raise InputError(f"{out}: cannot write here ({error.strerror or error})") from None
-    try:  # held from the settings to the QC picture: one psc-segment per OUT.zarr
+    with ExitStack() as held:  # the run's lock, from the settings to the QC picture: one psc-segment per OUT.zarr
         try:
+            held.enter_context(run_lock(out))
             prepare(str(raw), out, weights, block_size=options.block_size, thresholds=options.thresholds,
                     threshold=threshold, device=device, precision=options.precision,
                     workers=max(1, options.workers), force=options.force)
@@ -114,8 +111,6 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
             from psc.pipelines.em.qc import write_qc
 
             write_qc(out)
-    finally:
-        lock.__exit__(None, None, None)
     for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION, layout.GRAPH_FILE, "qc.png"):
         if (Path(out) / name).exists():
             console.print(f"  {Path(out) / name}", highlight=False)

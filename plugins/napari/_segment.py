@@ -67,9 +67,7 @@ def segment_mri(data: Any, affine: np.ndarray, weights: str | Path, device: str 
     array = np.asarray(data)
     if array.ndim != 3:
         raise InputError(f"the MRI pipeline segments 3-D images; this layer is {array.ndim}-D")
-    if not np.any(array):
-        raise InputError("the image is empty (every voxel is zero)")
-    try:
+    try:  # psc-segment's checks (empty, constant, NaN, geometry...), worded for a layer
         scan = validate_scan(Scan(Path("napari-layer"), array, np.asarray(affine, dtype=np.float64)))
     except InputError as error:
         raise InputError(f"this layer {error}") from None
