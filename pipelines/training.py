@@ -86,7 +86,7 @@ def plot_curves(log: Path, png: Path, panels: Sequence[Panel]) -> None:
     fig = Figure(figsize=(5 * len(panels), 4), layout="tight")
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for column, label in panel.columns.items():
-            ax.plot(iteration, [float(r[column]) for r in rows], label=label)
+            ax.plot(iteration, [float(r[column] or "nan") for r in rows], label=label)  # "": not measured
         ax.set_xlabel("iteration")
         if panel.ylabel:
             ax.set_ylabel(panel.ylabel)
@@ -272,10 +272,14 @@ class Run:
         save_checkpoint(self.out / "last.pt", model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                         sampler=self.sampler, step=self.step, best=self.best, seconds=seconds)
 
-    def export(self, card: ModelCard, path: str | Path) -> ModelCard:
-        """The best weights (``best.pt``, loaded into the model) with ``card``, the
-        pipeline's description of them, written by ``save_weights``."""
-        self.model.load_state_dict(torch.load(self.out / "best.pt", weights_only=True))
+    def export(self, card: ModelCard, path: str | Path, *, weights: str = "best") -> ModelCard:
+        """The best weights (``best.pt``, loaded into the model), or with ``weights="last"``
+        the model as the run ended (a run without validation data has no best), with
+        ``card``, the pipeline's description of them, written by ``save_weights``."""
+        if weights not in ("best", "last"):
+            raise ValueError(f"weights must be 'best' or 'last', not {weights!r}")
+        if weights == "best":
+            self.model.load_state_dict(torch.load(self.out / "best.pt", weights_only=True))
         card = save_weights(self.model, card, path)
         print(f"exported {path}", flush=True)
         return card

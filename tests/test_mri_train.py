@@ -88,6 +88,28 @@ def test_training_reduces_loss_resumes_and_exports(tmp_path):
         load_weights(weights)
 
 
+def test_training_on_every_case_exports_the_last_weights(tmp_path):
+    """The shipped model trains on every case: no validation, so the log records the
+    loss alone and the export is the model as the run ended (its ``last.pt``), not a
+    best that was never measured."""
+    write_dataset(tmp_path / "data")
+    weights = tmp_path / "w.pt"
+    cfg = config(tmp_path, 20, export=str(weights))
+    cfg.val_cases = []
+    train(cfg)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [10, 20]
+    assert all(r["val_dice_mean"] == "" for r in rows) and all(float(r["train_loss"]) > 0 for r in rows)
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+    model, card = load_weights(weights)
+    assert card.training["val_cases"] == [] and card.training["train_cases"] == ["case0", "case1", "case2"]
+    assert "last iteration (20)" in card.metrics["selection"]
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    exported = model.state_dict()
+    assert all(torch.equal(exported[k], last[k].to(exported[k].dtype)) for k in exported)
+
+
 def test_cli_reports_missing_data(tmp_path, capsys):
     from psc.app.train import main
 

@@ -5,6 +5,7 @@ run-folder mechanics are the scaffold shared with EM, ``psc.pipelines.training``
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 from dataclasses import asdict, dataclass, field
@@ -156,6 +157,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         return loss.item()
 
     def validation(step: int) -> tuple[float, dict]:
+        if not val_cases:  # every case trains (the shipped model): nothing to score, the last weights export
+            return math.nan, {k: "" for k in dice}
         scores = validate(model, val_cases, classes)
         per_class = np.nanmean(np.array(list(scores.values())), axis=0)
         mean = float(np.mean(per_class))
@@ -167,8 +170,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         return out
 
     if cfg.export:
-        rows = run.log.rows()
-        best_row = max(rows, key=lambda r: float(r["val_dice_mean"]))
+        if val_cases:
+            best_row = max(run.log.rows(), key=lambda r: float(r["val_dice_mean"]))
+            metrics = {"val_dice_model_space": {k: float(best_row[k]) for k in dice},
+                       "best_iteration": int(best_row["iteration"])}
+        else:
+            metrics = {"selection": f"last iteration ({cfg.iterations}); no validation cases, every case trained"}
         card = ModelCard(
             backbone=cfg.backbone, conv=cfg.conv, options=cfg.options, in_channels=1, out_channels=classes,
             task="brain tissue segmentation of skull-stripped T1 MRI", labels=dict(config.LABELS),
@@ -182,9 +189,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 "augmentation": cfg.augmentation,
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             },
-            metrics={"val_dice_model_space": {k: float(best_row[k]) for k in
-                                               ("val_dice_csf", "val_dice_gm", "val_dice_wm", "val_dice_mean")},
-                     "best_iteration": int(best_row["iteration"])},
+            metrics=metrics,
         )
-        run.export(card, cfg.export)
+        run.export(card, cfg.export, weights="best" if val_cases else "last")
     return out
