@@ -41,6 +41,8 @@ class RunSettings:
     threads_per_worker: int = 1
     weights_sha256: str = ""  # of the weights file when the run was prepared ("" for older runs)
     raw_fingerprint: dict = field(default_factory=dict)  # volumes.fingerprint of the raw ({} for older runs)
+    raw_intensity: dict = field(default_factory=dict)  # intensity.measure: predict's input range ({}: older runs)
+    warnings: list = field(default_factory=list)  # what the run found suspicious, also printed
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -74,6 +76,7 @@ SETTING_RULES: dict[str, Rule] = {
     "raw": Rule(fixed=True, why="predict reads it"),
     "raw_name": Rule(fixed=True, why="predict reads it"),
     "raw_fingerprint": Rule(fixed=True, why="the raw's content, re-converted at the same path"),
+    "raw_intensity": Rule(fixed=True, why="predict's input range, measured from the raw's sampled chunks"),
     "weights": Rule(fixed=True, why="predict's network"),
     "weights_sha256": Rule(fixed=True, why="the weights' content, replaced at the same path"),
     "precision": Rule(fixed=True, why="predict's arithmetic: fp32, bf16 and fp16 affinities differ"),
@@ -85,6 +88,7 @@ SETTING_RULES: dict[str, Rule] = {
     "thresholds": Rule(why="merge recomputes every table on every run; a table does not depend on the others"),
     "threads_per_worker": Rule(why="only how many threads a worker uses (follows --workers)"),
     "extra": Rule(why="the run's own bookkeeping (what each stage's done markers were made with)"),
+    "warnings": Rule(why="a record of what the run found suspicious (the raw's intensities, a single segment)"),
 }
 
 

@@ -32,8 +32,10 @@ class AffinityPredictor:
     normalised as the card says (``psc.pipelines.em.normalise``).
     """
 
-    def __init__(self, weights: str | Path, device: str = "cpu", precision: str = "fp32") -> None:
-        self._setup(load_network(weights, EM_AFFINITY, device, precision, channels_last=False), str(weights))
+    def __init__(self, weights: str | Path, device: str = "cpu", precision: str = "fp32",
+                 input_range: tuple[float, float] | None = None) -> None:
+        self._setup(load_network(weights, EM_AFFINITY, device, precision, channels_last=False), str(weights),
+                    input_range=input_range)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, normalisation: str) -> "AffinityPredictor":
@@ -44,11 +46,12 @@ class AffinityPredictor:
         predictor._setup(network, "the training network", normalisation)
         return predictor
 
-    def _setup(self, network: InferenceNetwork, source: str, normalisation: str | None = None) -> None:
+    def _setup(self, network: InferenceNetwork, source: str, normalisation: str | None = None,
+               input_range: tuple[float, float] | None = None) -> None:
         self.network = network
         self.model = network.module
         self.card = network.card
-        self.normalise = normaliser(normalisation or self.card.normalisation)
+        self.normalise = normaliser(normalisation or self.card.normalisation, input_range)
         if getattr(self.model, "padding", "valid") != "valid":
             raise InputError(f"{source}: blockwise prediction needs a valid-padded U-Net")
         self.device, self.dtype = network.device, network.dtype
@@ -91,6 +94,9 @@ class AffinityPredictor:
             raise ValueError(f"block offset {roi.offset} is not on the pooling grid {self.grid}")
         out_shape = Coordinate(self._valid_output(int(s)) for s in roi.shape)
         in_roi = Roi(roi.offset - self.context, out_shape + self.context * 2)
-        x = torch.from_numpy(self.normalise(read_clamped(raw, in_roi)))[None, None]
+        data = read_clamped(raw, in_roi)
+        if data.dtype.kind == "f" and not np.isfinite(data).all():  # the prepare-time sample missed them
+            raise InputError(f"the raw has NaN or infinite voxels in {in_roi}: fix the source")
+        x = torch.from_numpy(self.normalise(data))[None, None]
         y = self.network(x).float()[0].cpu().numpy()
         return np.ascontiguousarray(y[(slice(None), *(slice(0, s) for s in roi.shape))])

@@ -32,13 +32,14 @@ from psc.utils.errors import InputError
 
 from ..precision import check_precision
 from . import layout
+from .intensity import measure
 from .lock import LOCK_FILE, run_lock
 from .spool import SpoolWorker, finish_run, start_run
 from .stages import STAGE_NAMES, STAGES, BlockFunction, Stage, StageWorker
 from .volumes import create_volume, fingerprint, is_zarr_path, open_container, open_volume
 
 __all__ = ["STAGE_NAMES", "EMRunError", "StageReport", "check_inputs", "check_output", "check_output_container",
-           "check_spool", "clear_run", "prepare", "run"]
+           "check_spool", "check_thresholds", "clear_run", "fit_block_size", "prepare", "run"]
 
 MAX_RETRIES = 2
 BLOCK_TIMEOUT_S = 3600
@@ -143,22 +144,43 @@ def _normal(value):
     return value
 
 
+def check_thresholds(thresholds) -> tuple[float, ...]:
+    """Agglomeration thresholds are affinities: each in [0, 1] (NaN refused)."""
+    values = tuple(float(t) for t in thresholds)
+    bad = [t for t in values if not 0.0 <= t <= 1.0]  # NaN fails both comparisons
+    if bad:
+        raise InputError(f"threshold {bad[0]:g} is outside [0, 1]: thresholds are affinities")
+    return values
+
+
+def fit_block_size(block_size, shape) -> tuple[int, int, int]:
+    """``block_size`` checked (positive multiples of 4) and, along any axis where it is
+    larger than the volume, shrunk to the volume rounded up to a multiple of 4: a block is
+    also the chunk of every array, so an oversized one would allocate its whole size."""
+    block_size = tuple(int(b) for b in block_size)
+    if len(block_size) != 3 or any(b <= 0 or b % 4 for b in block_size):
+        raise InputError(f"block size {block_size}: each of its 3 sides must be a positive multiple of 4")
+    return tuple(min(b, -(-int(s) // 4) * 4) for b, s in zip(block_size, shape))
+
+
 def check_inputs(raw: str | Path, out: str | Path, weights: str | Path, *, raw_name: str | None = None,
-                 block_size=(64, 64, 64), precision: str = "fp32"):
+                 block_size=(64, 64, 64), precision: str = "fp32", thresholds=()):
     """What :func:`prepare` refuses before it writes anything (weights, the output's place,
-    the raw, the block size, the output container); psc-segment calls it before it takes
-    the run's lock, which creates ``out``. Returns the card, the raw and the block size."""
+    the raw and its intensities, the block size, the thresholds, the output container);
+    psc-segment calls it before it takes the run's lock, which creates ``out``. Returns
+    the card, the raw, the block size (fitted to the volume) and the raw's intensity
+    record with its warnings (``intensity.measure``)."""
     card = read_card(weights, EM_AFFINITY)
     check_precision(precision)
+    check_thresholds(thresholds)
     check_output(raw, out)
     source = open_volume(raw, raw_name)
     if source.channels:
         raise InputError(f"{raw}: raw must be a single-channel 3-D volume, got shape {source.array.shape}")
-    block_size = tuple(int(b) for b in block_size)
-    if any(b <= 0 or b % 4 for b in block_size):
-        raise InputError(f"block size {block_size}: each side must be a positive multiple of 4")
+    block_size = fit_block_size(block_size, source.shape)
+    measured = measure(source, str(raw))
     check_output_container(out)
-    return card, source, block_size
+    return card, source, block_size, measured
 
 
 def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | None = None,
@@ -178,14 +200,16 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
     a run held by another process (``lock.run_lock``), and a resume whose fixed settings
     (``layout.SETTING_RULES``), raw content or weights content differ. ``force``: remove
     what the earlier run wrote (:func:`clear_run`) and start over."""
-    card, source, block_size = check_inputs(raw, out, weights, raw_name=raw_name, block_size=block_size,
-                                            precision=precision)
+    card, source, block_size, (intensity, warnings) = check_inputs(
+        raw, out, weights, raw_name=raw_name, block_size=block_size, precision=precision,
+        thresholds=(*thresholds, threshold))
     thresholds = tuple(sorted({float(t) for t in thresholds} | {float(threshold)}))
     settings = layout.RunSettings(
         raw=str(Path(raw).resolve()), raw_name=raw_name, weights=str(Path(weights).resolve()),
         block_size=block_size, thresholds=thresholds, threshold=float(threshold), device=device,
         precision=check_precision(precision), threads_per_worker=max(1, (os.cpu_count() or 1) // max(1, workers)),
-        weights_sha256=card.sha256, raw_fingerprint=fingerprint(source),
+        weights_sha256=card.sha256, raw_fingerprint=fingerprint(source), raw_intensity=intensity,
+        warnings=list(warnings),
     )
     with run_lock(out):
         check_output_container(out)  # again, under the lock
@@ -376,6 +400,7 @@ def _run(out: str, workers: int, worker_command: str | None, host: str | None, p
             stage.drop_artifacts(out, settings)
             result.update(stage.run(out, settings))
             stage.finished(out, settings)
+            _check_segments(out, settings, result)
             result["seconds"][stage.name] = time.perf_counter() - started
             continue
         for stage in group:
@@ -394,4 +419,19 @@ def _run(out: str, workers: int, worker_command: str | None, host: str | None, p
         for stage in group:
             stage.finished(out, settings)
         result["seconds"]["+".join(stage.name for stage in group)] = time.perf_counter() - started
+    result["warnings"] = list(layout.RunSettings.load(out).warnings)
     return result
+
+
+def _check_segments(out: str, settings: layout.RunSettings, result: dict) -> None:
+    """A whole volume in one segment is the typical failure of affinities the model could
+    not read (contrast, dtype range): never a quiet success; recorded with the settings."""
+    segments = result.get("segments", {}).get(float(settings.threshold))
+    if segments is None or segments > 1:
+        return
+    warning = (f"the segmentation at threshold {settings.threshold:g} is {segments} segment(s) for the whole "
+               "volume: the affinities are probably wrong (check the raw's contrast and the model)")
+    current = layout.RunSettings.load(out)
+    if warning not in current.warnings:
+        current.warnings.append(warning)
+        current.save(out)

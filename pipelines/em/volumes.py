@@ -297,6 +297,21 @@ def read_clamped(volume: Volume, roi: Roi) -> np.ndarray:
 FINGERPRINT_CHUNKS = 8  # chunks whose content is hashed (evenly spaced in the chunk grid)
 
 
+def sampled_chunks(array: zarr.Array, samples: int) -> list[tuple[int, tuple[slice, ...]]]:
+    """``samples`` chunks of ``array`` chosen deterministically, evenly spaced over the
+    chunk grid in C order (first and last included): ``(linear index, region)`` pairs.
+    What the fingerprint hashes and the intensity check (``intensity.py``) reads."""
+    shape, chunks = tuple(int(s) for s in array.shape), tuple(int(c) for c in array.chunks)
+    grid = tuple(-(-s // c) for s, c in zip(shape, chunks))
+    total = int(np.prod(grid))
+    picked = sorted({int(round(i)) for i in np.linspace(0, total - 1, min(samples, total))}) if total else []
+    regions = []
+    for linear in picked:
+        index = np.unravel_index(linear, grid)
+        regions.append((linear, tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))))
+    return regions
+
+
 def fingerprint(volume: Volume, samples: int = FINGERPRINT_CHUNKS) -> dict:
     """What identifies a raw volume beyond its path: shape, dtype, chunking, and the
     sha256 of ``samples`` chunks chosen deterministically (evenly spaced over the chunk
@@ -306,13 +321,9 @@ def fingerprint(volume: Volume, samples: int = FINGERPRINT_CHUNKS) -> dict:
 
     array = volume.array
     shape, chunks = tuple(int(s) for s in array.shape), tuple(int(c) for c in array.chunks)
-    grid = tuple(-(-s // c) for s, c in zip(shape, chunks))
-    total = int(np.prod(grid))
-    picked = sorted({int(round(i)) for i in np.linspace(0, total - 1, min(samples, total))}) if total else []
+    picked = sampled_chunks(array, samples)
     digest = hashlib.sha256()
-    for linear in picked:
-        index = np.unravel_index(linear, grid)
-        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+    for linear, region in picked:
         try:
             data = np.ascontiguousarray(array[region])
         except Exception as error:  # a corrupt chunk: predict reports its blocks, as without a fingerprint
