@@ -431,7 +431,6 @@ def _check_segments(out: str, settings: layout.RunSettings, result: dict) -> Non
         return
     warning = (f"the segmentation at threshold {settings.threshold:g} is {segments} segment(s) for the whole "
                "volume: the affinities are probably wrong (check the raw's contrast and the model)")
-    current = layout.RunSettings.load(out)
-    if warning not in current.warnings:
-        current.warnings.append(warning)
-        current.save(out)
+    if warning not in settings.warnings:  # the object the later stages save, so in place
+        settings.warnings.append(warning)
+        settings.save(out)
