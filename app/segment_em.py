@@ -15,7 +15,7 @@ from psc.models.shipped import ShippedWeights
 from psc.pipelines.em.layout import default_output
 from psc.pipelines.em.options import FALLBACK_THRESHOLD, EMRunOptions
 from psc.pipelines.options import option_default
-from psc.utils.errors import InputError
+from psc.utils.errors import NO_SPACE_MARKERS, InputError, disk_full_error, is_disk_full
 
 EM_GROUP = "EM pipeline (RAW.zarr inputs)"
 
@@ -49,8 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> int:
     from psc.pipelines.em import layout
-    from psc.pipelines.em.evaluate import evaluate_run, format_table
-    from psc.pipelines.em.run import STAGE_NAMES, EMRunError, check_spool, prepare, run
+    from psc.pipelines.em.run import STAGE_NAMES, check_spool
     from psc.pipelines.devices import parse_device, resolve_device
 
     from psc.models.weights import EM_AFFINITY, read_card
@@ -66,6 +65,19 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     check_output(raw, out)  # before anything is written: never into, nor deleting, the input
     if not str(out).endswith(".zarr"):
         raise InputError(f"{out}: the EM output must be a .zarr container")
+    from psc.pipelines.em import preflight
+    from psc.pipelines.em.run import check_output_container
+
+    # every input checked before any work (preflight.py): a bad one is one line, not a
+    # traceback, nor a failure once the whole run is done
+    preflight.check_threshold_options(options.threshold, args.thresholds)
+    preflight.check_input_metadata(raw, "the raw")
+    preflight.check_output_metadata(out, options.force)
+    if options.gt:
+        preflight.check_gt(options.gt, raw)
+    stages = tuple(args.stage) if args.stage else STAGE_NAMES
+    if options.force or not check_output_container(out):
+        preflight.check_stages_ready(out, stages, None)  # nothing done yet: refused before anything is written
     weights = options.weights or ShippedWeights.EM_AFFINITY.value.path
     # sha256 and kind checked once, before any work: a corrupt or wrong file is one line
     # here, not a failure in every block of every worker
@@ -79,7 +91,6 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
         device = options.device       # auto is resolved by each worker
     else:
         device = str(resolve_device(options.device))
-    from psc.pipelines.em.lock import run_lock
     from psc.pipelines.em.run import check_inputs
 
     # every refusal prepare() makes before writing, made before the lock creates OUT.zarr:
@@ -87,6 +98,92 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     check_inputs(str(raw), out, weights, block_size=options.block_size, precision=options.precision)
     resuming = (Path(out) / layout.TRACKING_DIR).exists() and not options.force
     started = time.perf_counter()
+    try:
+        return _run_locked(args, options, raw, out, weights, threshold, device, stages, resuming, started,
+                           console)
+    except BaseException as error:
+        if not is_disk_full(error):
+            raise
+        # a full disk surfaces as OSError, SQLite's "disk is full", a panic of daisy's
+        # scheduler or failed blocks: one line whichever it is; what was written stays
+        # consistent (done markers only for finished blocks), so the same command resumes
+        print(f"psc-segment: error: {out}: no space left on device ({_reason(error)}); free some space "
+              "and run the same command again to resume", file=sys.stderr)
+        if type(error).__name__ == "PanicException":
+            _stop_workers()
+        return 1
+
+
+def _stop_workers(wait_s: float = 10.0) -> None:
+    """After daisy's scheduler panicked (it writes its log on the full disk), stop the
+    worker processes it had started. It no longer does, and each has a thread of this
+    process waiting for it; a Python thread still waiting when the interpreter shuts
+    down is ended with ``pthread_exit`` through daisy's Rust frames, which aborts the
+    process (SIGABRT, exit code 134) after the error line was printed. Each thread logs
+    its worker's end ("exited with code -15", a traceback) on file descriptor 2: that
+    descriptor goes to /dev/null meanwhile, so the error line stays the only one."""
+    import os
+    import signal
+
+    me = str(os.getpid())
+    workers = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if ppid == me and b"daisy._subprocess_worker" in command:
+            workers.append(int(entry.name))
+    if not workers:
+        return
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while workers and time.monotonic() < deadline:  # their waiting threads reap them
+            workers = [pid for pid in workers if running(pid)]
+            time.sleep(0.1)
+        time.sleep(0.5)  # and log their ends
+        sys.stderr.flush()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _reason(error: BaseException) -> str:
+    """The full disk in the error's own words, short: a file and the system's message
+    for an ``OSError``; else the part of the message ("; "-separated, as a run error
+    lists its stages) that names the full disk."""
+    found = disk_full_error(error) or error
+    if isinstance(found, OSError) and found.strerror:
+        return f"{found.filename}: {found.strerror}" if found.filename else found.strerror
+    parts = " ".join(str(found).split()).split("; ")
+    text = next((part for part in parts if any(m in part.lower() for m in NO_SPACE_MARKERS)), parts[0])
+    return text if len(text) <= 200 else "..." + text[-197:]
+
+
+def _run_locked(args, options, raw, out, weights, threshold, device, stages, resuming, started, console) -> int:
+    """The run itself, under its lock (prepare, the stages, the QC picture, the scores)."""
+    from psc.pipelines.em import layout, preflight
+    from psc.pipelines.em.evaluate import evaluate_run, format_table
+    from psc.pipelines.em.lock import run_lock
+    from psc.pipelines.em.run import EMRunError, prepare, run
+
     with ExitStack() as held:  # the run's lock, from the settings to the QC picture: one psc-segment per OUT.zarr
         try:
             held.enter_context(run_lock(out))
@@ -94,14 +191,19 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
                     threshold=threshold, device=device, precision=options.precision,
                     workers=max(1, options.workers), force=options.force)
         except OSError as error:
+            if is_disk_full(error):
+                raise
             raise InputError(f"{out}: cannot write here ({error.strerror or error})") from None
+        if args.stage:  # a resumed run: are the stages this subset reads done (for the settings now)?
+            preflight.check_stages_ready(out, stages, layout.RunSettings.load(out))
         if resuming:
             console.print(f"resuming the run in {out}", highlight=False)
         try:
-            stages = tuple(args.stage) if args.stage else STAGE_NAMES
             result = run(out, workers=options.workers, worker_command=options.worker_command, host=options.host,
                          stages=stages, spool=options.spool)
         except EMRunError as error:
+            if is_disk_full(error):  # blocks failed for want of space: the one disk-full line (run_em)
+                raise
             print(f"psc-segment: error: {error}", file=sys.stderr)
             return 1
         segments = result["segments"].get(float(threshold))

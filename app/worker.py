@@ -4,7 +4,8 @@ The scheduler (``psc-segment ... --worker-command CMD``) starts CMD for each wor
 ``DAISY_CONTEXT`` in its environment (scheduler address, port, task, worker id); CMD
 may run this command on another machine that sees OUT.zarr (``ssh node
 DAISY_CONTEXT={context} psc-worker {out}``, a SLURM job, a container). The worker
-connects back over TCP, takes blocks until none are left, and exits.
+connects back over TCP, takes blocks until none are left, and exits; if the scheduler
+dies (its TCP stream breaks), the worker exits at once with one error line and code 1.
 
 ``psc-worker --serve OUT.zarr``: a long-running worker (one per GPU container) for a
 ``psc-segment ... --spool`` run. It waits for the run to start, takes the workers the
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("no DAISY_CONTEXT: start me from a psc-segment --worker-command, or use --serve")
     import daisy
 
-    from psc.pipelines.em.stages import serve, stage_named
+    from psc.pipelines.em.stages import SchedulerLost, serve, stage_named
 
     try:
         task_id = daisy.Context.from_env()["task_id"]
@@ -67,7 +68,13 @@ def run(args: argparse.Namespace) -> int:
     if stage is None or not stage.blockwise:
         print(f"psc-worker: error: unknown task {task_id!r}", file=sys.stderr)
         return 2
-    serve(stage.block_function(args.out))  # connects to the scheduler
+    try:
+        serve(stage.block_function(args.out))  # connects to the scheduler
+    except SchedulerLost as error:
+        # the scheduler died (killed, its host gone): one line and a non-zero exit, never
+        # a loop of failing acquisitions (stages.serve)
+        print(f"{PROG}: error: {error}: exiting", file=sys.stderr)
+        return 1
     return 0
 
 

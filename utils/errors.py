@@ -7,3 +7,39 @@ Every such error is an :class:`InputError` or a subclass of it (``WeightsError``
 
 class InputError(ValueError):
     pass
+
+
+NO_SPACE_MARKERS = ("no space left on device", "os error 28", "errno 28", "disk is full", "disk quota exceeded")
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from or during, is a full disk
+    (:func:`disk_full_error`)."""
+    return disk_full_error(error) is not None
+
+
+def disk_full_error(error: BaseException | None) -> BaseException | None:
+    """The error in ``error``'s chain (itself, what it was raised from or during) that
+    says the disk is full, or None.
+
+    A full disk reaches a command in many shapes, depending on which layer noticed: an
+    ``OSError`` with ``ENOSPC``/``EDQUOT`` (zarr writing a chunk, Python writing a file),
+    ``sqlite3.OperationalError`` "database or disk is full" (the region graph), a Rust
+    panic from daisy's scheduler ("failed printing to stderr: No space left on device
+    (os error 28)"), or a worker's failure carried home as text in a run error. All of
+    them mean the same to a user, "free some space and run it again", so they are
+    recognised here by errno, SQLite's result code (``SQLITE_FULL``, 13) or, for those
+    that only carry text, by the operating system's words."""
+    import errno
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        if getattr(error, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+            return error
+        if any(marker in str(error).lower() for marker in NO_SPACE_MARKERS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None

@@ -140,6 +140,34 @@ class Stage:
         """For runs prepared before ``made_with``: what the markers were made with, if known."""
         return None
 
+    def is_done(self, out: str, settings: layout.RunSettings) -> bool:
+        """Whether this stage's output is complete for ``settings``: what a stage run on
+        its own (``--stage``) reads from the stages before it. A blockwise stage is done
+        when daisy has set as many done markers as the run has blocks
+        (``.tracking/<name>/done``, a uint8 per cell of daisy's own grid, which with
+        context is larger than the block grid: its other cells stay 0) and the markers
+        were made with the current values of the settings that invalidate it (``made_with``)."""
+        import numpy as np
+        import zarr
+
+        from .volumes import open_volume
+
+        keys = layout.invalidating(self.name)
+        if keys:
+            made_with = (settings.extra.get("made_with") or {}).get(self.name)
+            if made_with is not None and made_with != {key: _plain(getattr(settings, key)) for key in keys}:
+                return False
+        markers = layout.tracking_path(out, self.name) / "done"
+        if not markers.is_dir():
+            return False
+        try:
+            done = zarr.open_array(str(markers), mode="r")[...]
+            shape = open_volume(out, layout.FRAGMENTS).shape
+        except Exception:  # unreadable markers are not done: the stage redoes its blocks
+            return False
+        blocks = int(np.prod([-(-s // b) for s, b in zip(shape, settings.block_size)]))
+        return int(np.count_nonzero(done == 1)) >= blocks
+
     def finished(self, out: str, settings: layout.RunSettings) -> None:
         """Record what the next run needs once every block is done (default: nothing)."""
 
@@ -262,6 +290,22 @@ class Merge(Stage):
         finally:
             graph.close()
 
+    def is_done(self, out: str, settings: layout.RunSettings) -> bool:
+        """Done when the graph holds a lookup table at every threshold of the run (relabel
+        applies the one at ``threshold``; a table missing is a merge that never ran, or
+        ran before ``--threshold`` or ``--thresholds`` changed)."""
+        from .graph import GraphStore
+
+        path = layout.graph_path(out)
+        if not path.is_file():
+            return False  # GraphStore would create it
+        graph = GraphStore(path)
+        try:
+            stored = set(graph.thresholds())
+        finally:
+            graph.close()
+        return bool(stored) and {float(t) for t in settings.thresholds} <= {float(t) for t in stored}
+
 
 class Relabel(Stage):
     name = "relabel"
@@ -307,6 +351,25 @@ STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 def stage_named(name: str) -> Stage | None:
     """The declared stage called ``name`` (a daisy task id), or None."""
     return next((stage for stage in STAGES if stage.name == name), None)
+
+
+def stages_not_done(out: str | Path, stages: tuple[str, ...], settings: layout.RunSettings | None) -> list[str]:
+    """The stages a run of only ``stages`` (``--stage``) needs and that are not done: every
+    stage before the last chosen one that is not chosen itself (``Stage.is_done``).
+
+    A stage run on its own reads its inputs without knowing whether anything wrote them:
+    ``--stage relabel`` on a fresh output failed in every block with a traceback
+    (``KeyError: no lookup table``), and ``--stage fragments`` watershedded an affinity
+    array of zeros and exited 0. ``settings`` None: the run has not been prepared yet
+    (a fresh output, or one ``--force`` clears), so nothing before is done."""
+    chosen = [stage for stage in STAGES if stage.name in stages]
+    if not chosen:
+        return []
+    last = STAGES.index(chosen[-1])
+    needed = [stage for stage in STAGES[:last] if stage.name not in stages]
+    if settings is None:
+        return [stage.name for stage in needed]
+    return [stage.name for stage in needed if not stage.is_done(str(out), settings)]
 
 
 def stage_table() -> str:
@@ -373,6 +436,12 @@ class BlockFunction:
             stack.close()
 
 
+class SchedulerLost(ConnectionError):
+    """The connection to the daisy scheduler broke while this worker was serving it (the
+    scheduler was killed, or its host vanished): there is nobody left to take blocks
+    from or to report them to, so the worker must stop instead of retrying."""
+
+
 def serve(function: BlockFunction) -> None:
     """Take blocks from the scheduler until none are left.
 
@@ -380,21 +449,44 @@ def serve(function: BlockFunction) -> None:
     context does that, with the traceback) and the worker goes on with the next block:
     daisy retries the failed block up to the task's ``max_retries`` and then counts it as
     failed, instead of restarting crashed workers until the whole task is abandoned.
+
+    Only the block's *own* error is survived that way. An error from daisy's client
+    itself (asking for a block, releasing it, reporting its failure: daisy raises the
+    socket's ``OSError``, e.g. ``BrokenPipeError``, once the scheduler's TCP stream is
+    gone) means the scheduler died (SIGKILL, SIGTERM, a lost host). Retrying that is a
+    busy loop that never ends, each turn failing at once and logging a line: the
+    worker spun a core and wrote megabytes a second into ``.logs/`` for ever. It raises
+    :class:`SchedulerLost` instead, after one log line, and the process exits. A block
+    still being computed when the scheduler dies is finished first (it is only a few
+    seconds) and its release is what fails; its done marker is never written, so the
+    resumed run redoes it.
     """
     import logging
 
     import daisy
 
+    log = logging.getLogger(__name__)
     client = daisy.Client()
     try:
         while True:
+            failed_block: list[BaseException] = []
             try:
                 with client.acquire_block() as block:
                     if block is None:
                         return
-                    function(block)
-            except Exception as error:  # already reported to the scheduler by acquire_block
-                logging.getLogger(__name__).warning("block failed: %s", error)
+                    try:
+                        function(block)
+                    except Exception as error:
+                        failed_block.append(error)
+                        raise
+            except Exception as error:
+                if failed_block and error is failed_block[0] and client.connected:
+                    # the block's own error, already reported to the scheduler by acquire_block
+                    log.warning("block failed: %s", error)
+                    continue
+                reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+                log.warning("lost the scheduler at %s:%s (%s): this worker exits", client.host, client.port, reason)
+                raise SchedulerLost(f"lost the scheduler at {client.host}:{client.port} ({reason})") from error
     finally:
         function.close()
 
@@ -409,4 +501,9 @@ class StageWorker:
         from ..allocator import keep_freed_memory
 
         keep_freed_memory()  # a process that only serves blocks: keep its pages for the next one
-        serve(self.stage.block_function(self.out))
+        try:
+            serve(self.stage.block_function(self.out))
+        except SchedulerLost:
+            # already logged, once; nobody waits for this process's exit status any more
+            # (daisy's own convention for a server that is gone: exit 0, not a failure)
+            return
