@@ -187,9 +187,9 @@ def _run_locked(args, options, raw, out, weights, threshold, device, stages, res
     with ExitStack() as held:  # the run's lock, from the settings to the QC picture: one psc-segment per OUT.zarr
         try:
             held.enter_context(run_lock(out))
-            prepare(str(raw), out, weights, block_size=options.block_size, thresholds=options.thresholds,
-                    threshold=threshold, device=device, precision=options.precision,
-                    workers=max(1, options.workers), force=options.force)
+            settings = prepare(str(raw), out, weights, block_size=options.block_size,
+                               thresholds=options.thresholds, threshold=threshold, device=device,
+                               precision=options.precision, workers=max(1, options.workers), force=options.force)
         except OSError as error:
             if is_disk_full(error):
                 raise
@@ -198,6 +198,8 @@ def _run_locked(args, options, raw, out, weights, threshold, device, stages, res
             preflight.check_stages_ready(out, stages, layout.RunSettings.load(out))
         if resuming:
             console.print(f"resuming the run in {out}", highlight=False)
+        for warning in settings.warnings:  # the raw's intensities (intensity.measure): before the work
+            print(f"psc-segment: warning: {warning}", file=sys.stderr)
         try:
             result = run(out, workers=options.workers, worker_command=options.worker_command, host=options.host,
                          stages=stages, spool=options.spool)
@@ -206,6 +208,9 @@ def _run_locked(args, options, raw, out, weights, threshold, device, stages, res
                 raise
             print(f"psc-segment: error: {error}", file=sys.stderr)
             return 1
+        for warning in result.get("warnings", []):  # what the run found (one segment), recorded in its settings
+            if warning not in settings.warnings:
+                print(f"psc-segment: warning: {warning}", file=sys.stderr)
         segments = result["segments"].get(float(threshold))
         summary = f"; {segments} segments at threshold {threshold:g}" if segments is not None else ""
         console.print(f"{raw}: {time.perf_counter() - started:.1f} s{summary}", highlight=False)

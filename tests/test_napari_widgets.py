@@ -163,6 +163,27 @@ def test_segment_em_adds_the_runs_segmentation(make_napari_viewer, qtbot, em_run
     assert widget.bar.value == widget.bar.max == 5  # one step per stage
 
 
+def test_segment_em_shows_the_runs_warnings(make_napari_viewer, qtbot, em_run, tmp_path):
+    """A faint volume (8 grey levels on a 16-bit pedestal): the run warns, and the widget
+    says so as psc-segment would, in the status line and the layer's metadata."""
+    from psc.pipelines.em.synthetic import make_em_volume
+    from psc.plugins.napari._widgets import SegmentWidget
+
+    raw, _ = make_em_volume((24, 32, 32), cell_size=10, seed=3)
+    viewer = make_napari_viewer()
+    viewer.add_image((30000 + raw.astype(np.uint16) // 32).astype(np.uint16), name="faint", scale=(8, 8, 8),
+                     units="nm")
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    widget.weights.value = em_run.weights
+    widget.output.value = tmp_path / "faint_psc.zarr"
+    widget.run()
+    wait_for(qtbot, widget, lambda: "faint segmentation" in [lyr.name for lyr in viewer.layers])
+    warnings = layer(viewer, "faint segmentation").metadata["psc"]["warnings"]
+    assert any("span" in w for w in warnings) and any("distinct values" in w for w in warnings)
+    assert f"{len(warnings)} warnings" in widget.status.value
+
+
 def test_segment_reports_a_wrong_model_and_stays_usable(make_napari_viewer, qtbot, mri_outputs, em_run):
     from psc.plugins.napari._widgets import SegmentWidget
 

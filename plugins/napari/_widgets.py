@@ -218,9 +218,19 @@ class SegmentWidget(_Panel):
                 show_warning(f"psc: {image.name}: {warning}")
 
     def _add_em(self, image, out) -> None:
+        from psc.pipelines.em.layout import RunSettings
+
         data, kwargs, _ = em_layer(out, "segmentation", run=out, layer_name=f"{image.name} segmentation")
+        warnings = RunSettings.load(out).warnings  # the raw's intensities, one segment: as psc-segment prints them
+        kwargs.setdefault("metadata", {}).setdefault("psc", {})["warnings"] = list(warnings)
         self.viewer.add_labels(data, **kwargs)
-        self.status.value = f"EM run in {out}"
+        flagged = f"; {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+        self.status.value = f"EM run in {out}{flagged}"
+        if warnings:
+            from napari.utils.notifications import show_warning
+
+            for warning in warnings:
+                show_warning(f"psc: {image.name}: {warning}")
 
 
 # --- Score ----------------------------------------------------------------------------
