@@ -1,7 +1,12 @@
 """Building blocks shared by the backbones: norm/act by name, and conv chains.
 
 Normalisation and activation are given by name (``"batch"``, ``("relu", {"inplace":
-True})``) and resolved by MONAI's layer factories, as MONAI's own nets do.
+True})``), as MONAI's own nets take them. The names that are plain torch layers (the
+backbones' defaults among them) are resolved here, to the same modules MONAI's factories
+build (a test compares them); any other name goes to MONAI's factories. Why not always
+MONAI: ``import monai`` imports every MONAI submodule and with them scipy, pandas,
+matplotlib and scikit-learn, seconds that every command building a network (the EM
+pipeline, ``--help``) would pay for two dictionary lookups.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ import math
 from typing import Callable
 
 import torch
-from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
 from .conv_registry import ConvBuilder
@@ -63,12 +67,45 @@ class MaxPool3d(nn.MaxPool3d):
             return super().forward(x)
 
 
+# MONAI's names (case-insensitive) of the 3-D norms and activations that are torch layers
+TORCH_NORMS: dict[str, Callable[..., nn.Module]] = {
+    "batch": lambda channels, **kw: nn.BatchNorm3d(channels, **kw),
+    "instance": lambda channels, **kw: nn.InstanceNorm3d(channels, **kw),
+}
+TORCH_ACTS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "prelu": nn.PReLU, "elu": nn.ELU, "relu6": nn.ReLU6,
+    "selu": nn.SELU, "celu": nn.CELU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+    "softmax": nn.Softmax, "logsoftmax": nn.LogSoftmax,
+}
+
+
+def _name_and_args(spec) -> tuple[str, dict]:
+    if isinstance(spec, str):
+        return spec, {}
+    name, args = spec
+    return name, dict(args)
+
+
 def norm_layer(norm, channels: int) -> list[nn.Module]:
-    return [] if norm is None else [get_norm_layer(norm, spatial_dims=3, channels=channels)]
+    if norm is None:
+        return []
+    name, args = _name_and_args(norm)
+    if isinstance(name, str) and name.lower() in TORCH_NORMS:
+        return [TORCH_NORMS[name.lower()](channels, **args)]
+    from monai.networks.layers.utils import get_norm_layer
+
+    return [get_norm_layer(norm, spatial_dims=3, channels=channels)]
 
 
 def act_layer(act) -> list[nn.Module]:
-    return [] if act is None else [get_act_layer(act)]
+    if act is None:
+        return []
+    name, args = _name_and_args(act)
+    if isinstance(name, str) and name.lower() in TORCH_ACTS:
+        return [TORCH_ACTS[name.lower()](**args)]
+    from monai.networks.layers.utils import get_act_layer
+
+    return [get_act_layer(act)]
 
 
 class ConvChain(nn.Sequential):
