@@ -193,25 +193,6 @@ def refuse_other_pipeline(args: argparse.Namespace, pipeline: str) -> None:
         raise InputError(f"{flags} appl{'ies' if len(names) == 1 else 'y'} to {PIPELINES[other]}, not to {inputs}")
 
 
-def _import_in_background(module: str) -> None:
-    """Start importing ``module`` on a daemon thread. The MRI inference module imports
-    MONAI, which imports all of itself and scipy, pandas, matplotlib and scikit-learn
-    with it: seconds of mostly single-threaded work that overlap reading the scan and
-    deepbet (whose convolutions leave the interpreter free) on another core. The later
-    ``import`` of the same module waits for this one (Python's per-module import lock);
-    an import error is raised there, where it would have been."""
-    import importlib
-    import threading
-
-    def load() -> None:
-        try:
-            importlib.import_module(module)
-        except BaseException:  # noqa: BLE001  (the main thread's import reports it)
-            pass
-
-    threading.Thread(target=load, name=f"import {module}", daemon=True).start()
-
-
 def run(args: argparse.Namespace, console: Console) -> int:
     from psc.models.weights import MRI_TISSUE
     from psc.pipelines.inference import load_network
@@ -236,7 +217,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if em:
         return run_em(args, inputs, console) or (1 if unmatched else 0)
     check_distinct_outputs(inputs, args.output)
-    _import_in_background("psc.pipelines.mri.inference")
     options = filled(args, MRISegmentOptions)
     if not 0 <= options.overlap < 1:
         raise InputError(f"--overlap must be in [0, 1), got {options.overlap}")
@@ -273,7 +253,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 brain = brain_stage(scan)
                 if not brain.extracted:
                     paths.pop("brain_mask", None)
-                from psc.pipelines.mri.inference import segment_scan  # imported meanwhile (_import_in_background)
+                # imported here, after the brain step, not with the others: it imports MONAI (all
+                # of it, scipy and pandas with it), and the command measured 1.0-1.4 s faster
+                # so on a 1 mm head (2 cores, bf16; docs/results-mri.md); a thread importing it
+                # during deepbet was slower still (it takes a core from torch)
+                from psc.pipelines.mri.inference import segment_scan
 
                 seg = segment_scan(scan, network, card, overlap=options.overlap, tta=options.tta, mask=brain.mask,
                                    window=options.window, on_window=on_window)
