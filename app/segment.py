@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", choices=("auto", "mri", "em"), default="auto",
                         help="auto: .zarr inputs are EM, everything else MRI")
     add_option(parser, "--weights", type=Path, help="weights .pt with its .json card",
-               default="the shipped MRI or EM model")
+               default="the shipped MRI model (its coarse-scan twin for voxels over 2 mm) or EM model")
     add_option(parser, "--device", default=default("device"), help="auto, cpu, cuda or cuda:N")
     add_option(parser, "--precision", choices=PRECISIONS, default=default("precision"),
                help="network precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16 "
@@ -202,6 +202,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from psc.pipelines.mri.outputs import check_outputs, output_paths, write_outputs
     from psc.pipelines.mri.plausibility import check as plausibility
     from psc.pipelines.mri.sample import sample_t1_path
+    from psc.pipelines.mri.default_model import default_model_for
 
     unmatched: list[str] = []  # items that yield no scan: reported, the other inputs still run
     inputs = expand_inputs(args.inputs, unmatched)
@@ -220,20 +221,27 @@ def run(args: argparse.Namespace, console: Console) -> int:
     options = filled(args, MRISegmentOptions)
     if not 0 <= options.overlap < 1:
         raise InputError(f"--overlap must be in [0, 1), got {options.overlap}")
-    shipped = ShippedWeights.MRI_TISSUE.value
-    weights = options.weights or shipped.path
-    if options.weights is None and not shipped.path.is_file():
-        raise InputError(f"the default weights are missing from this installation ({shipped.path}); "
-                         "reinstall psc or give --weights PATH")
-    # Once per command, not per scan: sha256 and kind checked, fused, on its device.
-    network = load_network(weights, MRI_TISSUE, options.device, options.precision)
-    card = network.card
+    if options.weights is None:
+        for record in (ShippedWeights.MRI_TISSUE.value, ShippedWeights.MRI_TISSUE_COARSE.value):
+            if not record.path.is_file():
+                raise InputError(f"the default weights are missing from this installation ({record.path}); "
+                                 "reinstall psc or give --weights PATH")
+    networks: dict[Path, object] = {}
+
+    def network_for(path: Path):
+        """Once per weights file and command, not per scan: sha256 and kind checked,
+        fused, on its device. Without --weights the scan's voxel size chooses the
+        shipped model (pipelines/mri/default_model.py)."""
+        if path not in networks:
+            networks[path] = load_network(path, MRI_TISSUE, options.device, options.precision)
+        return networks[path]
+
+    first = network_for(Path(options.weights) if options.weights else ShippedWeights.MRI_TISSUE.value.path)
     mask = read_scan(options.mask, labels=True) if options.mask else None
     # deepbet on psc's device (cpu unless CUDA was chosen), loaded on the first scan needing it.
-    brain_stage = BrainStage(options.skull_strip, mask, str(network.device))
-    weights_record = {"Path": str(Path(weights).resolve()), "SHA256": card.sha256 or sha256_of(weights)}
+    brain_stage = BrainStage(options.skull_strip, mask, str(first.device))
     settings = {"skull_strip": options.skull_strip, "mask": str(options.mask) if options.mask else None,
-                "device": str(network.device), "precision": network.precision, "window": options.window,
+                "device": str(first.device), "precision": first.precision, "window": options.window,
                 "overlap": options.overlap, "tta": options.tta}
 
     failures = len(unmatched)
@@ -250,6 +258,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 paths = output_paths(path, args.output, options.probabilities, brain_stage.may_extract)
                 check_outputs(paths, options.force)
                 scan = read_scan(path)
+                weights = Path(options.weights) if options.weights else default_model_for(scan.voxel_sizes).path
+                network = network_for(weights)
+                card = network.card
                 brain = brain_stage(scan)
                 if not brain.extracted:
                     paths.pop("brain_mask", None)
@@ -263,6 +274,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                                    window=options.window, on_window=on_window)
                 brain_array = brain.mask.array if brain.mask is not None else None
                 warnings = plausibility(seg.labels, card.labels, scan.voxel_volume, brain_array, scan.voxel_sizes)
+                weights_record = {"Path": str(weights.resolve()), "SHA256": card.sha256 or sha256_of(weights)}
                 sidecar = {"Sources": [str(Path(path).resolve())], "Weights": weights_record, "Options": settings,
                            "SkullStrip": brain.record(), "Warnings": warnings}
                 write_outputs(seg, scan, paths, card.labels, brain_array, sidecar,
@@ -275,6 +287,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             for warning in warnings:  # never silently wrong: stderr, and the _dseg.json sidecar
                 print(f"{PROG}: warning: {path.name}: {warning}", file=sys.stderr)
             report(console, path, paths, seg, card.labels, scan.voxel_volume, time.perf_counter() - started, brain)
+            if options.weights is None and weights != ShippedWeights.MRI_TISSUE.value.path:
+                console.print(f"  model: {weights.name} (voxels coarser than 2 mm)", highlight=False)
             progress.advance(task)
     return 1 if failures else 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
+from . import weights
 from .weights import EM_AFFINITY, MRI_TISSUE, ModelCard, load_weights, read_card
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -41,6 +42,12 @@ class WeightsRecord:
 class ShippedWeights(Enum):
     MRI_TISSUE = WeightsRecord("mri_densenet3d_p2sc2.pt", MRI_TISSUE,
                                "CSF / gray / white matter of skull-stripped T1 MRI (P2SC2 DenseNet, IBSR)")
+    # for scans with voxels coarser than 2 mm (pipelines/mri/default_model.py chooses):
+    # equal parameters to conv3d, trained with resolution and intensity augmentation
+    # (the kind by its module's name: inside this class MRI_TISSUE is the member above)
+    MRI_TISSUE_COARSE = WeightsRecord("mri_densenet3d_p2sc2_coarse.pt", weights.MRI_TISSUE,
+                                      "the same labels for scans coarser than 2 mm (P2SC2 DenseNet, 479,726 "
+                                      "parameters, robust recipe, all 11 IBSR scans)")
     EM_AFFINITY = WeightsRecord("em_unet3d_p2sc2.pt", EM_AFFINITY,
                                 "nearest-neighbour affinities of FIB-SEM neuron boundaries (P2SC2 U-Net, FIB-25)")
 

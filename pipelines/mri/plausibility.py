@@ -66,13 +66,20 @@ def border_fraction(labels: np.ndarray) -> float:
     return float((tissue & faces).sum()) / total
 
 
+def is_coarse(voxel_sizes) -> bool:
+    """Voxels coarser than ``MAX_VOXEL_MM`` (2 % allowed for rounding) along any axis:
+    outside the validated range (a warning), and segmented by the coarse model
+    (``default_model.py``)."""
+    return max(float(v) for v in voxel_sizes) > MAX_VOXEL_MM * 1.02
+
+
 def check(labels: np.ndarray, names: dict[int, str], voxel_volume: float,
           brain: np.ndarray | None = None, voxel_sizes=None) -> list[str]:
     """The warnings for one segmentation (empty: plausible). ``voxel_volume`` in mm^3;
     ``brain``: the brain mask used (extracted or given), on the same grid;
     ``voxel_sizes``: the scan's voxel sizes in mm (``io.voxel_sizes(affine)``)."""
     warnings: list[str] = []
-    if voxel_sizes is not None and max(voxel_sizes) > MAX_VOXEL_MM * 1.02:
+    if voxel_sizes is not None and is_coarse(voxel_sizes):
         sizes = " x ".join(f"{v:.2g}" for v in voxel_sizes)
         warnings.append(f"voxels of {sizes} mm are coarser than the 1-{MAX_VOXEL_MM:g} mm psc is validated on: "
                         "thin structures (CSF, cortex) are unreliable; check the QC picture")

@@ -71,6 +71,10 @@ def segment_mri(data: Any, affine: np.ndarray, weights: str | Path, device: str 
         scan = validate_scan(Scan(Path("napari-layer"), array, np.asarray(affine, dtype=np.float64)))
     except InputError as error:
         raise InputError(f"this layer {error}") from None
+    if Path(weights) == default_weights("mri"):  # the default: chosen by voxel size, as psc-segment does
+        from psc.pipelines.mri.default_model import default_model_for
+
+        weights = default_model_for(scan.voxel_sizes).path
     card = read_card(weights)
     if card.kind != MRI_TISSUE:
         raise _wrong_kind(weights, card, MRI_TISSUE)
