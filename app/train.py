@@ -46,7 +46,8 @@ def _mri_parser(sub) -> None:
     p.add_argument("--out", default=RUN_FOLDERS["mri"], help="run folder: log.csv, curves.png, best.pt, last.pt")
     p.add_argument("--conv", default=default("conv"), help="conv3d or p{m}sc{n}")
     p.add_argument("--options", default=json.dumps(default("options")), help="backbone options as JSON")
-    p.add_argument("--val", nargs="+", dest="val_cases", default=default("val_cases"), help="validation case names")
+    p.add_argument("--val", nargs="*", dest="val_cases", default=default("val_cases"),
+                   help="validation case names; --val alone: none, every case trains and the last weights export")
     p.add_argument("--iterations", type=int, default=default("iterations"), help="training steps")
     p.add_argument("--val-every", type=int, default=default("val_every"), help="validate every N steps")
     p.add_argument("--batch", type=int, default=default("batch"), help="patches per step")

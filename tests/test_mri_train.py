@@ -141,3 +141,11 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     other.out, other.conv = str(tmp_path / "other"), "conv3d"
     with pytest.raises(ValueError, match="not the densenet3d/conv3d"):
         train(other)
+
+
+def test_val_alone_means_every_case_trains():
+    from psc.app.train import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["mri", "--data", "d", "--out", "o", "--val"]).val_cases == []
+    assert parse(["mri", "--data", "d", "--out", "o"]).val_cases == ["IBSR_07", "IBSR_16"]
