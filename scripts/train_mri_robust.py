@@ -34,6 +34,10 @@ VALIDATION = ["IBSR_07", "IBSR_16"]
 RUNS = {
     "p2sc2-eq": ("p2sc2", EQUAL_PARAMETER_OPTIONS, "mri-p2sc2-eq-robust", VALIDATION, 900),
     "conv3d": ("conv3d", BACKBONE_OPTIONS, "mri-conv3d-robust", VALIDATION, 900),
+    # Capacity: the robust recipe at the default model's widths (16/8/8, 821,879
+    # parameters). The equal-parameter robust model underfits (below the basic model
+    # even on its own training scans): does capacity close the 1-1.5 mm gap?
+    "p2sc2-robust": ("p2sc2", BACKBONE_OPTIONS, "mri-p2sc2-robust", VALIDATION, 900),
     # The shipped model: the recipe and budget chosen on the 9/2 split, on all 11 scans.
     # 1100 iterations keep the 9/2 runs' 100 iterations per training scan (their best and
     # last validations were within 0.006 of each other, the training loss still falling);

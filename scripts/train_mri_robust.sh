@@ -6,6 +6,7 @@
 #   scripts/train_mri_robust.sh            # p2sc2-eq -> mri-p2sc2-eq-robust
 #   scripts/train_mri_robust.sh conv3d     # its conv3d twin -> mri-conv3d-robust
 #   scripts/train_mri_robust.sh shipped    # p2sc2-eq on all 11 scans -> mri-p2sc2-eq-shipped
+#   scripts/train_mri_robust.sh p2sc2-robust  # the robust recipe at the default model's widths (9/2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-p2sc2-eq}
@@ -13,7 +14,8 @@ case "$RUN" in
     p2sc2-eq) FOLDER=mri-p2sc2-eq-robust ;;
     conv3d) FOLDER=mri-conv3d-robust ;;
     shipped) FOLDER=mri-p2sc2-eq-shipped ;;
-    *) echo "error: unknown run '$RUN' (p2sc2-eq, conv3d or shipped)" >&2; exit 2 ;;
+    p2sc2-robust) FOLDER=mri-p2sc2-robust ;;
+    *) echo "error: unknown run '$RUN' (p2sc2-eq, conv3d, shipped or p2sc2-robust)" >&2; exit 2 ;;
 esac
 OUT=runs/$FOLDER
 KEPT=checkpoints/$FOLDER  # committed at a session's end (runs/ is not kept)
