@@ -15,7 +15,6 @@ only shows after the whole run.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from psc.utils.errors import InputError
@@ -78,14 +77,12 @@ def check_output_metadata(out: str | Path, force: bool = False) -> None:
 
 
 def check_threshold_options(threshold: float | None, thresholds) -> None:
-    """``--threshold`` and every ``--thresholds`` value in [0, 1]: they are affinities, and
-    a value outside (or NaN) agglomerates everything or nothing without a word."""
-    for option, values in (("--threshold", [] if threshold is None else [threshold]),
-                           ("--thresholds", list(thresholds or ()))):
-        for value in values:
-            value = float(value)
-            if math.isnan(value) or not 0.0 <= value <= 1.0:
-                raise InputError(f"{option} {value:g}: must be in [0, 1] (thresholds are affinities)")
+    """``--threshold`` and every ``--thresholds`` value: ``run.check_thresholds``, with the
+    option named, before any work."""
+    from .run import check_thresholds
+
+    check_thresholds([] if threshold is None else [threshold], "--threshold")
+    check_thresholds(thresholds or (), "--thresholds")
 
 
 def check_gt(gt: str | Path, raw: str | Path) -> None:

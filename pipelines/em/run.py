@@ -144,12 +144,14 @@ def _normal(value):
     return value
 
 
-def check_thresholds(thresholds) -> tuple[float, ...]:
-    """Agglomeration thresholds are affinities: each in [0, 1] (NaN refused)."""
+def check_thresholds(thresholds, what: str = "threshold") -> tuple[float, ...]:
+    """Agglomeration thresholds are affinities: each in [0, 1] (NaN refused); a value
+    outside agglomerates everything or nothing without a word. ``what`` names them in the
+    error (the command line passes its option)."""
     values = tuple(float(t) for t in thresholds)
     bad = [t for t in values if not 0.0 <= t <= 1.0]  # NaN fails both comparisons
     if bad:
-        raise InputError(f"threshold {bad[0]:g} is outside [0, 1]: thresholds are affinities")
+        raise InputError(f"{what} {bad[0]:g} is outside [0, 1]: thresholds are affinities")
     return values
 
 
