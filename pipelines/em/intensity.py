@@ -23,6 +23,7 @@ import numpy as np
 
 from psc.utils.errors import InputError
 
+from .normalise import HIGH_KEY, HIGH_PERCENTILE, LOW_KEY, LOW_PERCENTILE
 from .volumes import Volume, sampled_chunks
 
 SAMPLED_CHUNKS = 32
@@ -103,7 +104,7 @@ def measure(volume: Volume, name: str = "raw") -> tuple[dict, list[str]]:
             raise InputError(f"{name} {error}") from None
         if lo == hi:
             raise InputError(f"{name} is constant (every voxel is {lo:g}); there is no image to segment")
-    low, high = (float(v) for v in np.percentile(sample, [0.1, 99.9]))
+    low, high, p_low, p_high = (float(v) for v in np.percentile(sample, [0.1, 99.9, LOW_PERCENTILE, HIGH_PERCENTILE]))
     offset, scale = input_range(lo, hi, dtype)
     span = (high - low) / scale
     warnings = []
@@ -114,6 +115,6 @@ def measure(volume: Volume, name: str = "raw") -> tuple[dict, list[str]]:
     if span < MIN_SPAN:
         warnings.append(f"{name}'s intensities span {100 * span:.1f} % of the input range ({low:g} to {high:g} "
                         f"scaled by {scale:g}): contrast this low is likely to merge segments")
-    record = {"dtype": str(dtype), "min": lo, "max": hi, "p0.1": low, "p99.9": high, "distinct": distinct,
+    record = {"dtype": str(dtype), "min": lo, "max": hi, "p0.1": low, "p99.9": high, LOW_KEY: p_low, HIGH_KEY: p_high, "distinct": distinct,
               "sampled_voxels": int(sample.size), "offset": offset, "scale": scale}
     return record, warnings

@@ -20,8 +20,12 @@ from psc.models.weights import EM_AFFINITY
 from psc.utils.errors import InputError
 
 from ..inference import InferenceNetwork, load_network, prepare_network
+from .affinities import OFFSETS
 from .normalise import normaliser
 from .volumes import Volume, read_clamped
+
+NEAREST_CHANNELS = len(OFFSETS)
+
 
 class AffinityPredictor:
     """A loaded EM model that predicts affinities for any region of a raw volume.
@@ -33,25 +37,26 @@ class AffinityPredictor:
     """
 
     def __init__(self, weights: str | Path, device: str = "cpu", precision: str = "fp32",
-                 input_range: tuple[float, float] | None = None) -> None:
+                 intensity: dict | None = None) -> None:
         self._setup(load_network(weights, EM_AFFINITY, device, precision, channels_last=False), str(weights),
-                    input_range=input_range)
+                    intensity=intensity)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, normalisation: str) -> "AffinityPredictor":
+    def from_model(cls, model: torch.nn.Module, normalisation: str,
+                   intensity: dict | None = None) -> "AffinityPredictor":
         """The live ``model`` (unfused, CPU, fp32) behind exactly the inference code:
         training's validation, whose weights change between calls."""
         predictor = cls.__new__(cls)
         network = prepare_network(model, "cpu", "fp32", fuse=False, channels_last=False)
-        predictor._setup(network, "the training network", normalisation)
+        predictor._setup(network, "the training network", normalisation, intensity)
         return predictor
 
     def _setup(self, network: InferenceNetwork, source: str, normalisation: str | None = None,
-               input_range: tuple[float, float] | None = None) -> None:
+               intensity: dict | None = None) -> None:
         self.network = network
         self.model = network.module
         self.card = network.card
-        self.normalise = normaliser(normalisation or self.card.normalisation, input_range)
+        self.normalise = normaliser(normalisation or self.card.normalisation, intensity)
         if getattr(self.model, "padding", "valid") != "valid":
             raise InputError(f"{source}: blockwise prediction needs a valid-padded U-Net")
         self.device, self.dtype = network.device, network.dtype
@@ -89,7 +94,7 @@ class AffinityPredictor:
 
     @torch.inference_mode()
     def predict(self, raw: Volume, roi: Roi) -> np.ndarray:
-        """Affinities (float32, ``(3, *roi.shape)``) of the voxels in ``roi``."""
+        """Nearest-neighbour affinities (float32, ``(3, *roi.shape)``) of the voxels in ``roi``."""
         if any(o % g for o, g in zip(roi.offset, self.grid)):
             raise ValueError(f"block offset {roi.offset} is not on the pooling grid {self.grid}")
         out_shape = Coordinate(self._valid_output(int(s)) for s in roi.shape)
@@ -99,4 +104,6 @@ class AffinityPredictor:
             raise InputError(f"the raw has NaN or infinite voxels in {in_roi}: fix the source")
         x = torch.from_numpy(self.normalise(data))[None, None]
         y = self.network(x).float()[0].cpu().numpy()
-        return np.ascontiguousarray(y[(slice(None), *(slice(0, s) for s in roi.shape))])
+        # channels 0-2 are the nearest-neighbour affinities the pipeline segments; models
+        # trained with long-range affinities (train.LONG_RANGE) have more after them
+        return np.ascontiguousarray(y[(slice(0, NEAREST_CHANNELS), *(slice(0, s) for s in roi.shape))])

@@ -201,9 +201,9 @@ class Predict(Stage):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and ":" not in device and torch.cuda.is_available():
             device = f"cuda:{worker_id() % torch.cuda.device_count()}"  # one GPU per worker
-        measured = settings.raw_intensity  # intensity.measure, at prepare ({} for older runs: the dtype's range)
+        # intensity.measure, at prepare ({} for older runs: the dtype's range)
         predictor = AffinityPredictor(settings.weights, device=device, precision=settings.precision,
-                                      input_range=(measured["offset"], measured["scale"]) if measured else None)
+                                      intensity=settings.raw_intensity)
         raw = open_volume(settings.raw, settings.raw_name)
         affinities = open_volume(worker.out, layout.AFFINITIES, mode="r+")
 
