@@ -65,12 +65,15 @@ def _mri_parser(sub) -> None:
 
 
 def _em_parser(sub) -> None:
-    from psc.pipelines.em.train import EMTrainConfig
+    from psc.pipelines.em.normalise import NORMALISATIONS
+    from psc.pipelines.em.train import AUGMENTATIONS, EMTrainConfig
 
     default = partial(option_default, EMTrainConfig)
-    p = sub.add_parser("em", help="affinity U-Net from a raw and a labels zarr volume", formatter_class=HelpFormatter)
-    p.add_argument("--raw", required=True, help="raw volume (zarr container or container/array)")
-    p.add_argument("--labels", required=True, help="instance labels of the same shape (0 = boundary, ignored)")
+    p = sub.add_parser("em", help="affinity U-Net from raw and labels zarr volumes", formatter_class=HelpFormatter)
+    p.add_argument("--raw", nargs="+", required=True,
+                   help="raw volume(s) (zarr container or container/array); several train one model")
+    p.add_argument("--labels", nargs="+", required=True,
+                   help="instance labels, one per raw, of its shape (0 = boundary, ignored)")
     p.add_argument("--out", default=RUN_FOLDERS["em"], help="run folder: log.csv, curves.png, best.pt, last.pt")
     p.add_argument("--conv", default=default("conv"), help="conv3d or p{m}sc{n}")
     p.add_argument("--options", default=json.dumps(default("options")), help="U-Net options as JSON")
@@ -82,6 +85,13 @@ def _em_parser(sub) -> None:
     p.add_argument("--out-size", type=int, default=default("out_size"),
                    help="output crop side (a valid U-Net output size)")
     p.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
+    p.add_argument("--long-range", nargs="*", type=int, default=default("long_range"),
+                   help="distances (voxels) of the auxiliary long-range affinity targets; --long-range alone: none")
+    p.add_argument("--augmentation", choices=AUGMENTATIONS, default=default("augmentation"),
+                   help="full: section defects, elastic, flips/transposes, contrast/gamma/noise/blur "
+                   "(pipelines/em/augment.py); basic: flips, transposes and mild intensity changes")
+    p.add_argument("--normalisation", choices=sorted(NORMALISATIONS), default=default("normalisation"),
+                   help="raw -> network input, measured per volume (pipelines/em/normalise.py); onto the card")
     _run_arguments(p, EMTrainConfig)
 
 
@@ -136,8 +146,8 @@ def check_em_data(cfg) -> None:
     """The raw and labels volumes exist and are zarr volumes (read before any training)."""
     from psc.pipelines.em.volumes import open_volume
 
-    open_volume(cfg.raw)
-    open_volume(cfg.labels)
+    for path in (*cfg.raw, *cfg.labels):
+        open_volume(path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,9 +35,11 @@ def test_affinity_targets_follow_the_labels_and_mask_the_boundary_interior():
 def test_training_lowers_the_loss_checkpoints_resumes_and_exports(tmp_path, capsys):
     raw, _, _ = synthetic_raw(tmp_path, shape=(32, 48, 64))
     out = tmp_path / "run"
+    # the basic recipe without long-range targets: 40 steps on a tiny volume must learn
     cfg = EMTrainConfig(raw=str(raw / "raw"), labels=str(raw / "labels"), out=str(out), conv="p1sc1",
                         options=TINY_OPTIONS, out_size=8, batch=2, iterations=40, val_every=20, lr=3e-3,
-                        threads=1, export=str(tmp_path / "w.pt"), data_source="synthetic", data_terms="none")
+                        threads=1, export=str(tmp_path / "w.pt"), data_source="synthetic", data_terms="none",
+                        augmentation="basic", long_range=[])
     train(cfg)
     rows = [line.split(",") for line in (out / "log.csv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in rows] == [20, 40]
@@ -53,7 +55,8 @@ def test_training_lowers_the_loss_checkpoints_resumes_and_exports(tmp_path, caps
     assert state["step"] == 40
     code = train_main(["em", "--raw", str(raw / "raw"), "--labels", str(raw / "labels"), "--out", str(out),
                        "--conv", "p1sc1", "--options", json.dumps(TINY_OPTIONS), "--out-size", "8",
-                       "--iterations", "60", "--val-every", "20", "--threads", "1", "--resume"])
+                       "--iterations", "60", "--val-every", "20", "--threads", "1", "--resume",
+                       "--augmentation", "basic", "--long-range"])
     assert code == 0
     assert "resumed at iteration 40" in capsys.readouterr().out
     rows = (out / "log.csv").read_text().splitlines()[1:]

@@ -15,38 +15,70 @@ OFFSETS = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
 CHANNELS = ("z", "y", "x")
 
 
-def _shifted_pair(labels: np.ndarray, axis: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-    here = [slice(None)] * 3
-    back = [slice(None)] * 3
-    here[axis] = slice(1, None)
-    back[axis] = slice(None, -1)
+def long_range_offsets(distances: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """The nearest-neighbour offsets followed by ``(-d, 0, 0), (0, -d, 0), (0, 0, -d)`` for
+    each distance: the channel order of a model trained with long-range affinities."""
+    offsets = list(OFFSETS)
+    for d in distances:
+        offsets += [(-d, 0, 0), (0, -d, 0), (0, 0, -d)]
+    return tuple(offsets)
+
+
+def channel_names(offsets: tuple[tuple[int, int, int], ...]) -> dict[int, str]:
+    """A model card's channel labels: 'affinity z', ..., 'affinity x at 9'."""
+    names = {}
+    for channel, offset in enumerate(offsets):
+        axis = next(a for a in range(3) if offset[a])
+        distance = -offset[axis]
+        names[channel] = f"affinity {CHANNELS[axis]}" + (f" at {distance}" if distance > 1 else "")
+    return names
+
+
+def _shifted_pair(offset: tuple[int, int, int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Index of the voxels ``p`` that have a neighbour ``p + offset`` inside the array, and
+    of those neighbours (offsets point back: every component <= 0)."""
+    here, back = [], []
+    for o in offset:
+        d = -int(o)
+        here.append(slice(d, None))
+        back.append(slice(None, -d if d else None))
     return tuple(here), tuple(back)
 
 
-def affinities_from_labels(labels: np.ndarray, background: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
+def affinities_from_labels(labels: np.ndarray, background: int | None = 0,
+                           offsets: tuple[tuple[int, int, int], ...] = OFFSETS) -> tuple[np.ndarray, np.ndarray]:
     """Target affinities and their mask from an instance labelling.
 
-    Returns ``(affinities, mask)``, both float32 of shape ``(3, z, y, x)``. An edge is 1
-    where both voxels carry the same object label. With ``background`` set (label 0 =
-    boundary or unlabelled, as in FIB-25's ground truth), edges touching it are 0 and
-    only edges *between two background voxels* are masked out: boundary voxels then
-    teach the network to cut (boundary-aware), while the unknown inside of a thick
-    boundary does not count.
+    Returns ``(affinities, mask)``, both float32 of shape ``(len(offsets), z, y, x)``
+    (default: the three nearest-neighbour channels). An edge is 1 where both voxels carry
+    the same object label. With ``background`` set (label 0 = boundary or unlabelled, as
+    in FIB-25's ground truth), edges touching it are 0 and only edges *between two
+    background voxels* are masked out: boundary voxels then teach the network to cut
+    (boundary-aware), while the unknown inside of a thick boundary does not count.
     """
     labels = np.asarray(labels)
-    affinities = np.zeros((3, *labels.shape), dtype=np.float32)
-    mask = np.zeros((3, *labels.shape), dtype=np.float32)
-    for axis in range(3):
-        here, back = _shifted_pair(labels, axis)
+    affinities = np.zeros((len(offsets), *labels.shape), dtype=np.float32)
+    mask = np.zeros((len(offsets), *labels.shape), dtype=np.float32)
+    for channel, offset in enumerate(offsets):
+        here, back = _shifted_pair(offset)
         a, b = labels[here], labels[back]
         same = a == b
         valid = np.ones_like(same)
         if background is not None:
             same &= a != background
             valid = (a != background) | (b != background)
-        affinities[axis][here] = same
-        mask[axis][here] = valid
+        affinities[channel][here] = same
+        mask[channel][here] = valid
     return affinities, mask
+
+
+def known_pairs(known: np.ndarray, offsets: tuple[tuple[int, int, int], ...] = OFFSETS) -> np.ndarray:
+    """(len(offsets), z, y, x) bool: both voxels of the edge are ``known``."""
+    both = np.zeros((len(offsets), *known.shape), bool)
+    for channel, offset in enumerate(offsets):
+        here, back = _shifted_pair(offset)
+        both[channel][here] = known[here] & known[back]
+    return both
 
 
 def balance_weights(affinities: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -1,13 +1,24 @@
-"""Training the affinity U-Net from a raw volume and its instance labels.
+"""Training the affinity U-Net from one or more raw volumes and their instance labels.
+
+Several volumes (e.g. FIB-25 and NeuroProof: two samples, two imaging domains) train one
+model: each step's crops come from a volume drawn with probability proportional to the
+square root of its training voxels, so a small volume is not drowned by a large one nor
+a large one wasted. Each volume is normalised by its own measured intensities
+(``normalise``: ``robust-percentiles`` by default, the transform the card names and
+predict applies) and holds out its own validation region: the last ``val_fraction`` of
+its longest axis.
 
 Random crops (output ``out_size``; input grown by the network's context, mirrored at the
-volume border like inference), augmented by flips, axis transposes (FIB-SEM is
-isotropic) and intensity scale/shift/gamma *before* the affinity targets are computed,
-so targets always match the augmented labels. Loss: binary cross-entropy weighted so
-that boundary and non-boundary edges of each channel count equally, label-0 interior
-masked. A held-out region (the last ``val_fraction`` of x) is segmented with the full
-post-processing every ``val_every`` iterations and scored by VI; the best sum of VI over
-the thresholds selects the checkpoint.
+volume border like inference) are augmented (``augment``: section defects, elastic
+deformation, flips and transposes, intensity) *before* the affinity targets are computed,
+so targets always match the augmented labels. Targets: the nearest-neighbour affinities
+the pipeline segments, plus long-range affinities at ``long_range`` distances as
+auxiliary outputs (they make the network see more of each object's shape; Lee et al.
+2017, arXiv:1706.00120; Wolf et al. 2018, the mutex watershed). Loss: binary
+cross-entropy weighted so that boundary and non-boundary edges of each channel count
+equally, label-0 interior masked. Every ``val_every`` iterations each volume's held-out
+region is segmented with the full post-processing; the threshold with the lowest mean VI
+over the volumes is that validation's threshold, and that mean VI selects the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,13 +33,15 @@ import torch.nn.functional as F
 from funlib.geometry import Roi
 
 from psc.models import build_model
-from psc.models.weights import ModelCard
+from psc.models.weights import EM_AFFINITY, ModelCard
 from psc.utils.errors import InputError
 from psc.utils.files import atomic_write
 
 from ..training import Panel, Run, SamplerHooks, warmup_cosine
 
-from .affinities import affinities_from_labels, balance_weights
+from .affinities import affinities_from_labels, balance_weights, channel_names, known_pairs, long_range_offsets
+from .augment import AugmentConfig, Augmenter
+from .intensity import measure
 from .metrics import evaluate
 from .normalise import DEFAULT_NORMALISATION, normaliser
 from .postprocess import segment_affinities
@@ -37,13 +50,15 @@ from .volumes import Volume, open_volume, read_clamped
 
 BACKBONE_OPTIONS = {"num_fmaps": 12, "fmap_inc_factor": 3, "downsample_factors": [[2, 2, 2], [2, 2, 2]]}
 VAL_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+LONG_RANGE = (3, 9)  # auxiliary affinity distances (voxels) of the default recipe
+AUGMENTATIONS = ("full", "basic")
 
 
 @dataclass
 class EMTrainConfig:
-    raw: str
-    labels: str
-    out: str
+    raw: list = field(default_factory=list)  # raw volumes (zarr container/array), one per labels volume
+    labels: list = field(default_factory=list)
+    out: str = "runs/em"
     conv: str = "p2sc2"
     options: dict = field(default_factory=lambda: dict(BACKBONE_OPTIONS))
     out_size: int = 24
@@ -58,74 +73,132 @@ class EMTrainConfig:
     data_source: str = ""
     data_terms: str = ""
     normalisation: str = DEFAULT_NORMALISATION  # raw -> network input (psc.pipelines.em.normalise), onto the card
+    long_range: list = field(default_factory=lambda: list(LONG_RANGE))  # [] : nearest-neighbour targets only
+    augmentation: str = "full"  # full: augment.AugmentConfig; basic: flips, transposes, mild intensity
+
+    def __post_init__(self) -> None:
+        self.raw = [self.raw] if isinstance(self.raw, str) else list(self.raw)
+        self.labels = [self.labels] if isinstance(self.labels, str) else list(self.labels)
+        if len(self.raw) != len(self.labels) or not self.raw:
+            raise InputError(f"give one labels volume per raw volume ({len(self.raw)} raw, "
+                             f"{len(self.labels)} labels)")
+        if self.augmentation not in AUGMENTATIONS:
+            raise InputError(f"augmentation {self.augmentation!r}: one of {', '.join(AUGMENTATIONS)}")
+        if any(int(d) < 2 for d in self.long_range):
+            raise InputError(f"long-range distances must be 2 voxels or more (got {self.long_range})")
+
+    @property
+    def offsets(self) -> tuple[tuple[int, int, int], ...]:
+        return long_range_offsets(tuple(int(d) for d in self.long_range))
 
 
-def _augment(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    order = rng.permutation(3)
-    raw, labels = raw.transpose(order), labels.transpose(order)
-    for axis in range(3):
-        if rng.random() < 0.5:
-            raw, labels = np.flip(raw, axis), np.flip(labels, axis)
-    raw = raw * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
-    raw = np.clip(raw, 0, 1) ** rng.uniform(0.8, 1.25)
-    return np.ascontiguousarray(raw, dtype=np.float32), np.ascontiguousarray(labels)
+BASIC_AUGMENTATION = AugmentConfig(missing_section=0.0, misalignment=0.0, elastic=0.0, contrast=(0.8, 1.2),
+                                   brightness=(-0.1, 0.1), gamma=(0.8, 1.25), noise=0.0, blur=0.0)
+
+
+def augment_config(name: str) -> AugmentConfig:
+    return AugmentConfig() if name == "full" else BASIC_AUGMENTATION
+
+
+def held_out_split(shape: tuple[int, ...], fraction: float, grid: int = 4) -> tuple[Roi, Roi]:
+    """(training, validation) regions: the last ``fraction`` of the longest axis (the last
+    of equally long ones) is held out, cut on the pooling grid."""
+    axis = max(range(3), key=lambda a: (shape[a], a))
+    split = int(round(shape[axis] * (1 - fraction))) // grid * grid
+    train_shape, val_begin, val_shape = list(shape), [0, 0, 0], list(shape)
+    train_shape[axis], val_begin[axis], val_shape[axis] = split, split, shape[axis] - split
+    return Roi((0, 0, 0), train_shape), Roi(val_begin, val_shape)
+
+
+@dataclass
+class TrainingVolume:
+    """One labelled volume: its arrays, regions and measured intensities."""
+
+    name: str
+    raw: Volume
+    labels: Volume
+    train_roi: Roi
+    val_roi: Roi
+    intensity: dict
+
+    @classmethod
+    def open(cls, raw_path: str, labels_path: str, val_fraction: float) -> "TrainingVolume":
+        raw, labels = open_volume(raw_path), open_volume(labels_path)
+        if raw.shape != labels.shape:
+            raise InputError(f"raw {raw_path} {raw.shape} and labels {labels_path} {labels.shape} differ in shape")
+        train_roi, val_roi = held_out_split(tuple(raw.shape), val_fraction)
+        intensity, _ = measure(raw, raw_path)
+        return cls(raw_path, raw, labels, train_roi, val_roi, intensity)
 
 
 class Sampler:
-    """Random training crops from the part of the volume left of the validation region."""
+    """Random augmented training crops with their affinity targets, from the training
+    regions of the volumes."""
 
-    def __init__(self, raw: Volume, labels: Volume, train_roi: Roi, out_size: int, context: int, seed: int,
-                 normalisation: str = DEFAULT_NORMALISATION):
-        self.raw, self.labels, self.train_roi = raw, labels, train_roi
-        self.normalise = normaliser(normalisation)
-        self.out, self.context = out_size, context
+    def __init__(self, volumes: list[TrainingVolume], out_size: int, context: int, seed: int,
+                 normalisation: str = DEFAULT_NORMALISATION, offsets=long_range_offsets(()),
+                 augmentation: AugmentConfig = AugmentConfig()):
+        self.volumes = volumes
+        self.normalise = [normaliser(normalisation, v.intensity) for v in volumes]
+        weights = np.sqrt([float(np.prod(v.train_roi.shape)) for v in volumes])
+        self.weights = weights / weights.sum()
+        self.out, self.context, self.offsets = out_size, context, offsets
+        # labels reach this far before the output crop, so every edge has both voxels
+        self.margin = max(1, max(-min(o) for o in offsets))
+        self.augmentation = augmentation
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        # the crop is cubic so transposes keep shapes; +1 voxel so edges to the
-        # neighbour before the first slice have a label on both sides
-        size = self.out + 1
-        begin = [self.rng.integers(lo, max(lo, hi - size) + 1) for lo, hi in zip(self.train_roi.begin, self.train_roi.end)]
+        index = int(self.rng.choice(len(self.volumes), p=self.weights))
+        volume = self.volumes[index]
+        # the crop is cubic so transposes keep shapes; + margin so edges to neighbours
+        # before the output's first slice have a label on both sides
+        size = self.out + self.margin
+        roi = volume.train_roi
+        begin = [self.rng.integers(lo, max(lo, hi - size) + 1) for lo, hi in zip(roi.begin, roi.end)]
         label_roi = Roi(begin, (size,) * 3)
         input_roi = label_roi.grow((self.context,) * 3, (self.context,) * 3)
-        raw = self.normalise(read_clamped(self.raw, input_roi))
-        labels = read_clamped(self.labels, label_roi)
+        raw = self.normalise[index](read_clamped(volume.raw, input_roi))
+        labels = read_clamped(volume.labels, label_roi)
         # voxels mirrored in from outside the training region have no trustworthy label
         inside = np.zeros(labels.shape, bool)
-        inside_roi = label_roi.intersect(self.train_roi) - label_roi.offset
+        inside_roi = label_roi.intersect(roi) - label_roi.offset
         inside[inside_roi.to_slices()] = True
-        big_labels = np.zeros(raw.shape, labels.dtype)
+        big_labels = np.zeros(raw.shape, np.int64)
         c = self.context
         big_labels[c:c + size, c:c + size, c:c + size] = np.where(inside, labels.astype(np.int64) + 1, 0)
-        raw, big_labels = _augment(raw, big_labels, self.rng)
-        labels = big_labels[c:c + size, c:c + size, c:c + size].astype(np.int64)
+        raw, big_labels = Augmenter(self.rng, self.augmentation)(raw, big_labels)
+        labels = big_labels[c:c + size, c:c + size, c:c + size]
         known = labels > 0
         labels = labels - 1  # back to the data's labels; -1 = unknown
-        target, mask = affinities_from_labels(np.where(known, labels, 0), background=0)
-        for axis in range(3):  # an edge is trusted only if both its voxels are known
-            here = [slice(None)] * 3
-            back = [slice(None)] * 3
-            here[axis], back[axis] = slice(1, None), slice(None, -1)
-            both = np.zeros_like(known)
-            both[tuple(here)] = known[tuple(here)] & known[tuple(back)]
-            mask[axis] *= both
-        crop = (slice(None), slice(1, None), slice(1, None), slice(1, None))
+        target, mask = affinities_from_labels(np.where(known, labels, 0), background=0, offsets=self.offsets)
+        mask *= known_pairs(known, self.offsets)  # an edge is trusted only if both its voxels are known
+        m = self.margin
+        crop = (slice(None), slice(m, None), slice(m, None), slice(m, None))
         target, mask = target[crop], mask[crop]
-        return raw[1:, 1:, 1:], target, mask, balance_weights(target, mask)
+        return (np.ascontiguousarray(raw[m:, m:, m:]), np.ascontiguousarray(target), np.ascontiguousarray(mask),
+                balance_weights(target, mask))
 
 
-def validate(model: torch.nn.Module, raw: Volume, labels: Volume, val_roi: Roi,
-             normalisation: str = DEFAULT_NORMALISATION) -> dict:
+def validate(model: torch.nn.Module, volumes: list[TrainingVolume], normalisation: str = DEFAULT_NORMALISATION) -> dict:
+    """Each volume's held-out region segmented at every threshold and scored; the
+    threshold with the lowest mean VI over the volumes is this validation's."""
     model.eval()
-    predictor = AffinityPredictor.from_model(model, normalisation)
-    affinities = predictor.predict(raw, val_roi)
+    per_volume = {}
+    for volume in volumes:
+        predictor = AffinityPredictor.from_model(model, normalisation, volume.intensity)
+        affinities = predictor.predict(volume.raw, volume.val_roi)
+        gt = volume.labels.read(volume.val_roi)
+        per_volume[volume.name] = {float(t): evaluate(segmentation, gt)
+                                   for t, segmentation in segment_affinities(affinities, VAL_THRESHOLDS).items()}
     model.train()
-    gt = labels.read(val_roi)
-    results = {}
-    for threshold, segmentation in segment_affinities(affinities, VAL_THRESHOLDS).items():
-        results[threshold] = evaluate(segmentation, gt)
-    best = min(results, key=lambda t: results[t]["voi"])
-    return {"per_threshold": results, "best_threshold": best, "voi": results[best]["voi"]}
+    keys = ("voi", "voi_split", "voi_merge", "adapted_rand_error")
+    per_threshold = {t: {k: float(np.mean([per_volume[v][t][k] for v in per_volume])) for k in keys}
+                     for t in (float(t) for t in VAL_THRESHOLDS)}
+    best = min(per_threshold, key=lambda t: per_threshold[t]["voi"])
+    return {"per_threshold": per_threshold, "best_threshold": best, "voi": per_threshold[best]["voi"],
+            "per_volume": {v: {"voi": scores[best]["voi"], "voi_split": scores[best]["voi_split"],
+                               "voi_merge": scores[best]["voi_merge"]} for v, scores in per_volume.items()}}
 
 
 def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
@@ -139,15 +212,12 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(cfg), indent=2)))
-    raw, labels = open_volume(cfg.raw), open_volume(cfg.labels)
-    if raw.shape != labels.shape:
-        raise InputError(f"raw {raw.shape} and labels {labels.shape} differ in shape")
-    split = int(round(raw.shape[2] * (1 - cfg.val_fraction))) // 4 * 4  # on the pooling grid
-    train_roi = Roi((0, 0, 0), (raw.shape[0], raw.shape[1], split))
-    val_roi = Roi((0, 0, split), (raw.shape[0], raw.shape[1], raw.shape[2] - split))
-    model = build_model("unet3d", conv=cfg.conv, **cfg.options)
-    context = int(AffinityPredictor.from_model(model, cfg.normalisation).context[0])
-    sampler = Sampler(raw, labels, train_roi, cfg.out_size, context, cfg.seed, cfg.normalisation)
+    volumes = [TrainingVolume.open(r, l, cfg.val_fraction) for r, l in zip(cfg.raw, cfg.labels)]
+    offsets = cfg.offsets
+    model = build_model("unet3d", conv=cfg.conv, out_channels=len(offsets), **cfg.options)
+    context = int(AffinityPredictor.from_model(model, cfg.normalisation, volumes[0].intensity).context[0])
+    sampler = Sampler(volumes, cfg.out_size, context, cfg.seed, cfg.normalisation, offsets,
+                      augment_config(cfg.augmentation))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = warmup_cosine(optimizer, cfg.iterations)  # cosine, no warm-up
 
@@ -180,7 +250,7 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
         return loss.item()
 
     def validation(step: int) -> tuple[float, dict]:
-        result = validate(model, raw, labels, val_roi, cfg.normalisation)
+        result = validate(model, volumes, cfg.normalisation)
         latest.clear()
         latest.update(result)
         scores = result["per_threshold"][result["best_threshold"]]
@@ -196,15 +266,21 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
     if cfg.export:
         best_result = json.loads((out / "best.json").read_text())
         card = ModelCard(
-            backbone="unet3d", conv=cfg.conv, options=cfg.options, in_channels=1, out_channels=3,
-            task="nearest-neighbour affinities (z, y, x) of FIB-SEM neuron boundaries",
-            labels={0: "affinity z", 1: "affinity y", 2: "affinity x"},
-            orientation="zyx", spacing=tuple(raw.voxel_size), normalisation=cfg.normalisation,
-            training={"data": cfg.data_source, "terms": cfg.data_terms, "raw": cfg.raw, "labels": cfg.labels,
-                      "train_roi": str(train_roi), "val_roi": str(val_roi), "iterations": cfg.iterations,
-                      "batch": cfg.batch, "out_size": cfg.out_size, "lr": cfg.lr, "seed": cfg.seed},
+            backbone="unet3d", conv=cfg.conv, options=cfg.options, in_channels=1, out_channels=len(offsets),
+            task="nearest-neighbour affinities (z, y, x) of FIB-SEM neuron boundaries"
+                 + (f", long-range affinities at {', '.join(map(str, cfg.long_range))} voxels (training targets)"
+                    if cfg.long_range else ""),
+            labels=channel_names(offsets), orientation="zyx", spacing=tuple(volumes[0].raw.voxel_size),
+            normalisation=cfg.normalisation, kind=EM_AFFINITY,
+            training={"data": cfg.data_source, "terms": cfg.data_terms,
+                      "volumes": [{"raw": v.name, "labels": l, "voxel_size": list(v.raw.voxel_size),
+                                   "train_roi": str(v.train_roi), "val_roi": str(v.val_roi)}
+                                  for v, l in zip(volumes, cfg.labels)],
+                      "iterations": cfg.iterations, "batch": cfg.batch, "out_size": cfg.out_size, "lr": cfg.lr,
+                      "seed": cfg.seed, "long_range": list(cfg.long_range), "augmentation": cfg.augmentation,
+                      "augment_config": asdict(augment_config(cfg.augmentation))},
             metrics={"val_iteration": best_result["iteration"], "val_best_threshold": best_result["best_threshold"],
-                     "val_voi": best_result["voi"],
+                     "val_voi": best_result["voi"], "val_per_volume": best_result.get("per_volume", {}),
                      "val_per_threshold": best_result["per_threshold"]},
         )
         run.export(card, cfg.export)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Start, or resume exactly (from runs/<folder>/last.pt, or the copy a session committed
+# under checkpoints/<folder>/), one of issue 15's EM training runs in the background:
+# psc-train em under nohup, one thread, output appended to runs/<folder>/train.log, its
+# PID in runs/<folder>/pid. The zarr copies of ../shared/data are made first if missing.
+#   scripts/train_em.sh lovo-fib25       # FIB-25's two crops only (tested on NeuroProof)
+#   scripts/train_em.sh lovo-neuroproof  # NeuroProof only (tested on FIB-25)
+#   scripts/train_em.sh shipped          # all three volumes, P2SC2: the default EM model
+#   scripts/train_em.sh conv3d           # all three volumes, its conv3d twin
+# Same recipe and budget for every run (docs/results-em.md); ITERATIONS overrides 2500
+# only for a new run (the cosine schedule depends on it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${1:?run name: lovo-fib25, lovo-neuroproof, shipped or conv3d}
+DATA=${PSC_DATA:-../shared/data}
+D=runs/data
+FIB="$D/fib25.zarr/raw $D/fib25-tiny.zarr/raw"
+FIB_L="$D/fib25.zarr/labels $D/fib25-tiny.zarr/labels"
+NP="$D/neuroproof.zarr/raw"
+NP_L="$D/neuroproof.zarr/labels"
+CONV=p2sc2
+case "$RUN" in
+    lovo-fib25) RAW="$FIB"; LABELS="$FIB_L" ;;
+    lovo-neuroproof) RAW="$NP"; LABELS="$NP_L" ;;
+    shipped) RAW="$FIB $NP"; LABELS="$FIB_L $NP_L" ;;
+    conv3d) RAW="$FIB $NP"; LABELS="$FIB_L $NP_L"; CONV=conv3d ;;
+    *) echo "error: unknown run '$RUN' (lovo-fib25, lovo-neuroproof, shipped or conv3d)" >&2; exit 2 ;;
+esac
+FOLDER=em-$RUN
+OUT=runs/$FOLDER
+KEPT=checkpoints/$FOLDER
+convert() {  # source dataset, container, array, voxel size
+    [ -d "$2/$3" ] || .venv/bin/psc-convert "$1" "$2" --voxel-size $4 $4 $4 >/dev/null
+}
+mkdir -p "$D" "$OUT" runs/weights
+convert "$DATA/fib25/train-image.h5:/stack" $D/fib25.zarr raw 8
+convert "$DATA/fib25/train-gt.lzf.h5:/stack" $D/fib25.zarr labels 8
+convert "$DATA/fib25/tiny_fib_example.h5:/raw" $D/fib25-tiny.zarr raw 8
+convert "$DATA/fib25/tiny_fib_example.h5:/labels" $D/fib25-tiny.zarr labels 8
+convert "$DATA/neuroproof/train.h5:/raw" $D/neuroproof.zarr raw 10
+convert "$DATA/neuroproof/train.h5:/labels" $D/neuroproof.zarr labels 10
+RESUME=()
+if [ ! -f "$OUT/last.pt" ] && [ -f "$KEPT/last.pt" ]; then
+    cp "$KEPT"/* "$OUT"/
+    echo "resuming from the kept checkpoint in $KEPT" >&2
+fi
+[ -f "$OUT/last.pt" ] && RESUME=(--resume)
+if [ -f "$OUT/pid" ] && kill -0 "$(cat "$OUT/pid")" 2>/dev/null; then
+    echo "already running: pid $(cat "$OUT/pid") (log $OUT/train.log)" >&2
+    exit 1
+fi
+ITER=${ITERATIONS:-2500}
+[ -f "$OUT/config.json" ] && ITER=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/config.json'))['iterations'])")
+echo "=== $(date -u +%FT%TZ) start/resume, commit $(git rev-parse --short HEAD)" >> "$OUT/train.log"
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup setsid .venv/bin/psc-train em --raw $RAW --labels $LABELS \
+    --out "$OUT" --conv $CONV --iterations "$ITER" --val-every 250 --threads 1 "${RESUME[@]}" \
+    --export "runs/weights/em_unet3d_$RUN.pt" \
+    --data-source "FIB-25 (janelia-flyem gala test data; Takemura et al. 2015) and/or NeuroProof training_sample2 (janelia-flyem neuroproof_examples; Parag et al. 2015), as listed under training.volumes" \
+    --data-terms "FIB-25 crops: BSD-like (HHMI); NeuroProof: CC BY 3.0, attribute the Janelia FlyEM project" \
+    >> "$OUT/train.log" 2>&1 < /dev/null &
+echo $! > "$OUT/pid"
+echo "pid $! (log $OUT/train.log)"
