@@ -8,17 +8,18 @@ from typing import Sequence
 
 import numpy as np
 
-from .agglomerate import score_edges
+from .agglomerate import SCORING, score_edges
 from .fragments import globalise, watershed_fragments
 from .graph import apply_lookup
 from .merge import segments_at
 
 
 def segment_affinities(affinities: np.ndarray, thresholds: Sequence[float],
-                       fragment_threshold: float = 0.5) -> dict[float, np.ndarray]:
-    """Segmentations (uint64, consecutive ids) of float affinities (3, z, y, x) by threshold."""
+                       fragment_threshold: float = 0.5, scoring: str = SCORING) -> dict[float, np.ndarray]:
+    """Segmentations (uint64, consecutive ids) of float affinities (3, z, y, x) by threshold
+    (``scoring``: waterz's scoring function, ``agglomerate.SCORING`` as the pipeline's)."""
     fragments, ids, _ = globalise(watershed_fragments(affinities, fragment_threshold), 0)
-    edges = score_edges(affinities, fragments)
+    edges = score_edges(affinities, fragments, scoring)
     u = np.array([e[0] for e in edges], dtype=np.uint64)
     v = np.array([e[1] for e in edges], dtype=np.uint64)
     scores = np.array([np.inf if e[3] is None else e[3] for e in edges], dtype=np.float64)

@@ -93,8 +93,10 @@ class AffinityPredictor:
         return self._first_out + -(-(size - self._first_out) // self._step) * self._step
 
     @torch.inference_mode()
-    def predict(self, raw: Volume, roi: Roi) -> np.ndarray:
-        """Nearest-neighbour affinities (float32, ``(3, *roi.shape)``) of the voxels in ``roi``."""
+    def predict(self, raw: Volume, roi: Roi, all_channels: bool = False) -> np.ndarray:
+        """Nearest-neighbour affinities (float32, ``(3, *roi.shape)``) of the voxels in
+        ``roi``; ``all_channels``: every output channel (long-range ones too, in the
+        card's ``labels`` order), for agglomerations that use them."""
         if any(o % g for o, g in zip(roi.offset, self.grid)):
             raise ValueError(f"block offset {roi.offset} is not on the pooling grid {self.grid}")
         out_shape = Coordinate(self._valid_output(int(s)) for s in roi.shape)
@@ -106,4 +108,5 @@ class AffinityPredictor:
         y = self.network(x).float()[0].cpu().numpy()
         # channels 0-2 are the nearest-neighbour affinities the pipeline segments; models
         # trained with long-range affinities (train.LONG_RANGE) have more after them
-        return np.ascontiguousarray(y[(slice(0, NEAREST_CHANNELS), *(slice(0, s) for s in roi.shape))])
+        channels = slice(None) if all_channels else slice(0, NEAREST_CHANNELS)
+        return np.ascontiguousarray(y[(channels, *(slice(0, s) for s in roi.shape))])
