@@ -1,0 +1,198 @@
+"""Issue 15's generalisation table (docs/results-em.md): EM models x held-out regions of
+every volume, with each model's training set beside it, so leave-one-volume-out rows
+(a model tested on a sample it never saw) and same-sample rows read side by side.
+
+For each model and region: affinities predicted in memory (the volume's intensities
+measured as a run measures them, context from the rest of the volume as in a blockwise
+run: tests assert blockwise = in-memory), then
+
+- waterz with the pipeline's scoring (mean affinity) at thresholds 0.2-0.8: VI split /
+  merge at the card's default threshold and at the region's best;
+- the same fragments with waterz's quantile scoring (median, 75th percentile);
+- mutex watershed (``mwatershed``, Wolf et al. 2018) for models with long-range
+  affinities, over a sweep of the long-range bias;
+
+and the naive baseline (smoothed raw, seeded watershed) tuned on each region itself, so
+it is flattered. Every model's threshold comes from its card; ``--pick-threshold``
+prints the threshold with the lowest mean VI over the leave-one-volume-out rows, the
+rule for the shipped model's default.
+
+    python benchmarks/em_transfer.py --threads 2 \\
+        fib25=models/pretrained/em_unet3d_p2sc2.pt lovo-fib25=runs/weights/em_unet3d_lovo-fib25.pt ...
+
+Model names starting ``lovo-<volume>`` mark leave-one-volume-out models trained on that
+sample only (fib25: both FIB-25 crops; neuroproof).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from psc.models.weights import ModelCard, card_path
+from psc.pipelines.em.agglomerate import QUANTILE_SCORING, SCORING
+from psc.pipelines.em.baseline import baseline_segmentation
+from psc.pipelines.em.intensity import measure
+from psc.pipelines.em.metrics import evaluate
+from psc.pipelines.em.options import threshold_for
+from psc.pipelines.em.postprocess import segment_affinities
+from psc.pipelines.em.predict import AffinityPredictor
+from psc.pipelines.em.train import VAL_THRESHOLDS, held_out_split
+from psc.pipelines.em.volumes import open_volume
+
+# region name -> (container, sample): the sample a model must not have seen to be a
+# leave-one-volume-out row
+REGIONS = {"fib25": ("fib25.zarr", "fib25"), "fib25-tiny": ("fib25-tiny.zarr", "fib25"),
+           "neuroproof": ("neuroproof.zarr", "neuroproof")}
+VARIANT_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # quantile scores run lower
+LR_BIASES = (-0.4, -0.3, -0.2, -0.1, 0.0)
+BASELINE_GRID = {"sigma": (1.0, 2.0), "seed_quantile": (0.5, 0.7, 0.9), "min_distance": (4, 8, 16)}
+
+
+def mutex_segmentations(affinities: np.ndarray, offsets: list, biases=LR_BIASES) -> dict[float, np.ndarray]:
+    """Mutex watershed of all channels: weight = affinity - 0.5, plus ``bias`` on the
+    long-range channels (negative: long-range edges repel more readily)."""
+    import mwatershed
+
+    out = {}
+    for bias in biases:
+        weights = affinities.astype(np.float64) - 0.5
+        weights[3:] += bias
+        out[bias] = mwatershed.agglom(weights, [list(o) for o in offsets]).astype(np.uint64)
+    return out
+
+
+def offsets_of(card: ModelCard) -> list[tuple[int, int, int]]:
+    offsets = []
+    for index in range(card.out_channels):
+        name = card.labels.get(index, "")
+        axis = "zyx".index(name.split()[1])
+        distance = int(name.split()[-1]) if " at " in name else 1
+        offset = [0, 0, 0]
+        offset[axis] = -distance
+        offsets.append(tuple(offset))
+    return offsets
+
+
+def scores(segmentations: dict, gt: np.ndarray) -> dict:
+    return {float(k): evaluate(s, gt) for k, s in segmentations.items()}
+
+
+def summary(per_threshold: dict, default: float | None) -> dict:
+    best = min(per_threshold, key=lambda t: per_threshold[t]["voi"])
+    result = {"best": best, "best_voi": per_threshold[best]["voi"], "best_split": per_threshold[best]["voi_split"],
+              "best_merge": per_threshold[best]["voi_merge"]}
+    if default is not None:
+        d = per_threshold[min(per_threshold, key=lambda t: abs(t - default))]
+        result.update(default=default, default_voi=d["voi"], default_split=d["voi_split"],
+                      default_merge=d["voi_merge"])
+    return result
+
+
+def tuned_baseline(raw: np.ndarray, gt: np.ndarray) -> dict:
+    best = None
+    for sigma, quantile, distance in itertools.product(*BASELINE_GRID.values()):
+        result = evaluate(baseline_segmentation(raw, sigma, quantile, distance), gt)
+        if best is None or result["voi"] < best["voi"]:
+            best = {**result, "params": [sigma, quantile, distance]}
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="NAME=WEIGHTS")
+    parser.add_argument("--data", default="runs/data", help="folder of fib25.zarr, fib25-tiny.zarr, neuroproof.zarr")
+    parser.add_argument("--regions", nargs="+", default=list(REGIONS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default="", help="write every number here")
+    parser.add_argument("--no-variants", action="store_true", help="only the pipeline's scoring (faster)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict = {"baseline": {}, "models": {}}
+    data = Path(args.data)
+    regions = {}
+    for name in args.regions:
+        container, _ = REGIONS[name]
+        raw, labels = open_volume(str(data / container), "raw"), open_volume(str(data / container), "labels")
+        _, val_roi = held_out_split(tuple(raw.shape), 0.25)
+        intensity, _ = measure(raw, name)
+        regions[name] = (raw, labels, val_roi, intensity, labels.read(val_roi))
+        started = time.time()
+        results["baseline"][name] = tuned_baseline(raw.read(val_roi), regions[name][4])
+        print(f"baseline {name}: VI {results['baseline'][name]['voi']:.3f} ({time.time() - started:.0f} s)", flush=True)
+    for spec in args.models:
+        model_name, weights = spec.split("=", 1)
+        card = ModelCard.from_json(card_path(weights))
+        default = threshold_for(card)
+        results["models"][model_name] = {"weights": weights, "default_threshold": default, "regions": {}}
+        for name, (raw, labels, val_roi, intensity, gt) in regions.items():
+            started = time.time()
+            predictor = AffinityPredictor(weights, intensity=intensity)
+            affinities = predictor.predict(raw, val_roi, all_channels=True)
+            nearest = np.ascontiguousarray(affinities[:3])
+            mean_scores = scores(segment_affinities(nearest, VAL_THRESHOLDS), gt)
+            entry = {"mean": summary(mean_scores, default),
+                     "per_threshold": {str(t): v for t, v in mean_scores.items()}}
+            if not args.no_variants:
+                for q in (50, 75):
+                    scoring = QUANTILE_SCORING.format(q=q)
+                    entry[f"quantile{q}"] = summary(scores(segment_affinities(nearest, VARIANT_THRESHOLDS,
+                                                                              scoring=scoring), gt), None)
+                if card.out_channels > 3:
+                    entry["mutex"] = summary(scores(mutex_segmentations(affinities, offsets_of(card)), gt), None)
+            entry["seconds"] = time.time() - started
+            results["models"][model_name]["regions"][name] = entry
+            m = entry["mean"]
+            print(f"{model_name} on {name}: default t={default} VI {m['default_split']:.3f}/{m['default_merge']:.3f} "
+                  f"= {m['default_voi']:.3f}; best t={m['best']} {m['best_voi']:.3f}"
+                  + "".join(f"; {k} {v['best_voi']:.3f} (at {v['best']})" for k, v in entry.items()
+                            if k not in ("mean", "seconds", "per_threshold") and v)
+                  + f" ({entry['seconds']:.0f} s)", flush=True)
+    print_tables(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+
+
+def lovo_sample(model_name: str) -> str | None:
+    return model_name[len("lovo-"):] if model_name.startswith("lovo-") else None
+
+
+def print_tables(results: dict) -> None:
+    print("\n| test region | model | trained on | default t | VI split | VI merge | VI | best t | VI at best "
+          "| quantile 50 / 75 (best) | mutex (best) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for region in next(iter(results["models"].values()))["regions"]:
+        b = results["baseline"].get(region)
+        if b:
+            print(f"| {region} | naive watershed (tuned on this region) | - | - | {b['voi_split']:.3f} | "
+                  f"{b['voi_merge']:.3f} | {b['voi']:.3f} | - | - | - | - |")
+        for name, model in results["models"].items():
+            e = model["regions"][region]
+            m = e["mean"]
+            trained = lovo_sample(name) or "see card"
+            unseen = " (unseen sample)" if lovo_sample(name) and lovo_sample(name) != REGIONS[region][1] else ""
+            q = " / ".join(f"{e[k]['best_voi']:.3f}" for k in ("quantile50", "quantile75") if e.get(k))
+            mx = f"{e['mutex']['best_voi']:.3f} (bias {e['mutex']['best']:g})" if e.get("mutex") else "-"
+            print(f"| {region}{unseen} | {name} | {trained} | {m['default']:g} | {m['default_split']:.3f} | "
+                  f"{m['default_merge']:.3f} | {m['default_voi']:.3f} | {m['best']:g} | {m['best_voi']:.3f} | "
+                  f"{q or '-'} | {mx} |")
+    lovo = [(name, region) for name, model in results["models"].items() for region in model["regions"]
+            if lovo_sample(name) and lovo_sample(name) != REGIONS[region][1]]
+    if lovo:
+        print("\nthreshold with the lowest mean VI over the leave-one-volume-out rows (waterz, mean scoring):")
+        per_t = {}
+        for name, region in lovo:
+            for t, v in results["models"][name]["regions"][region]["per_threshold"].items():
+                per_t.setdefault(float(t), []).append(v["voi"])
+        for t in sorted(per_t):
+            print(f"  t={t:g}: mean VI {np.mean(per_t[t]):.3f}")
+
+
+if __name__ == "__main__":
+    main()
