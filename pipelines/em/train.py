@@ -56,9 +56,9 @@ AUGMENTATIONS = ("full", "basic")
 
 @dataclass
 class EMTrainConfig:
-    raw: list = field(default_factory=list)  # raw volumes (zarr container/array), one per labels volume
-    labels: list = field(default_factory=list)
-    out: str = "runs/em"
+    raw: list  # raw volumes (zarr container/array; one path alone is taken as a list of one)
+    labels: list  # their instance labels, one per raw
+    out: str
     conv: str = "p2sc2"
     options: dict = field(default_factory=lambda: dict(BACKBONE_OPTIONS))
     out_size: int = 24
