@@ -49,7 +49,7 @@ class ShippedWeights(Enum):
                                       "the same labels for scans coarser than 2 mm (P2SC2 DenseNet, 479,726 "
                                       "parameters, robust recipe, all 11 IBSR scans)")
     EM_AFFINITY = WeightsRecord("em_unet3d_p2sc2.pt", EM_AFFINITY,
-                                "nearest-neighbour affinities of FIB-SEM neuron boundaries (P2SC2 U-Net, FIB-25)")
+                                "nearest-neighbour affinities of FIB-SEM neuron boundaries (P2SC2 U-Net, FIB-25 and NeuroProof)")
 
 
 def default_weights(kind: str) -> WeightsRecord:

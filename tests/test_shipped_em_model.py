@@ -1,6 +1,7 @@
-"""The EM model that ships: small, hashed, an affinity U-Net, and far better than the
-naive baseline, on a synthetic volume made here and (when ../shared/data is present) on
-the FIB-25 crop that no model was trained on, through the full blockwise pipeline."""
+"""The EM model that ships: small, hashed, an affinity U-Net trained on both FIB-SEM
+samples, and far better than the naive baseline at its default threshold, on a synthetic
+volume made here and (when ../shared/data is present) on the held-out regions of a FIB-25
+crop and of NeuroProof that training never read, through the full blockwise pipeline."""
 
 from __future__ import annotations
 
@@ -20,15 +21,20 @@ from psc.pipelines.em.run import prepare, run
 from psc.pipelines.em.synthetic import make_em_volume
 from psc.pipelines.em.volumes import create_volume
 
-FIB25 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fib25" / "tiny_fib_example.h5"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIB25 = DATA / "fib25" / "tiny_fib_example.h5"
+NEUROPROOF = DATA / "neuroproof" / "train.h5"
 
 
 def test_shipped_em_weights_load_and_are_small():
     model, card = load_weights(DEFAULT_EM_WEIGHTS)
     assert DEFAULT_EM_WEIGHTS.stat().st_size < 10 * 2**20
-    assert card.backbone == "unet3d" and card.out_channels == 3
+    # nearest-neighbour affinities, then long-range ones (training targets)
+    assert card.backbone == "unet3d" and card.out_channels == 9 and card.labels[0] == "affinity z"
     assert card.parameters == sum(p.numel() for p in model.parameters())
-    assert card.training["terms"] and card.training["data"]
+    assert card.normalisation == "robust-percentiles"
+    assert "FIB-25" in card.training["data"] and "NeuroProof" in card.training["data"]
+    assert "CC BY" in card.training["terms"]
     assert 0 < card.metrics["val_best_threshold"] < 1
 
 
@@ -51,13 +57,30 @@ def test_shipped_em_model_beats_the_baseline_on_synthetic_cells(tmp_path):
     assert best < 0.6 * baseline, (best, baseline)
 
 
+def _default_threshold_vi(results: dict) -> float:
+    card = load_weights(DEFAULT_EM_WEIGHTS)[1]
+    return results[min(results, key=lambda t: abs(float(t) - card.metrics["val_best_threshold"]))]["voi"]
+
+
 @pytest.mark.skipif(not FIB25.exists(), reason="needs ../shared/data/fib25")
-def test_shipped_em_model_on_an_unseen_fib25_crop(tmp_path):
+def test_shipped_em_model_on_the_held_out_region_of_a_fib25_crop(tmp_path):
     import h5py
 
-    with h5py.File(FIB25) as f:
-        raw, labels = f["raw"][:], f["labels"][:].astype(np.uint64)
+    with h5py.File(FIB25) as f:  # training read y < 148 of this crop (its longest axis)
+        raw, labels = f["raw"][:, 148:], f["labels"][:, 148:].astype(np.uint64)
     results = _pipeline_vi(tmp_path, raw, labels, block=(48, 48, 48))
-    best = min(row["voi"] for row in results.values())
     baseline = evaluate(baseline_segmentation(raw), labels)["voi"]
-    assert best < 0.6 * baseline, (best, baseline)
+    assert _default_threshold_vi(results) < 0.6 * baseline, (results, baseline)
+
+
+@pytest.mark.skipif(not NEUROPROOF.exists(), reason="needs ../shared/data/neuroproof")
+def test_shipped_em_model_on_the_held_out_region_of_neuroproof(tmp_path):
+    import h5py
+
+    with h5py.File(NEUROPROOF) as f:  # training read x < 188
+        raw, labels = f["raw"][:, :, 188:], f["labels"][:, :, 188:].astype(np.uint64)
+    results = _pipeline_vi(tmp_path, raw, labels, block=(64, 64, 64))
+    baseline = evaluate(baseline_segmentation(raw), labels)["voi"]
+    # measured 2026-12-02: VI 1.91 against the untuned baseline's 3.11 (0.61x); the
+    # lower-contrast sample is where the model is weakest (docs/results-em.md)
+    assert _default_threshold_vi(results) < 0.7 * baseline, (results, baseline)
