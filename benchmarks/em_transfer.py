@@ -52,7 +52,7 @@ REGIONS = {"fib25": ("fib25.zarr", "fib25"), "fib25-tiny": ("fib25-tiny.zarr", "
            "neuroproof": ("neuroproof.zarr", "neuroproof")}
 VARIANT_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # quantile scores run lower
 LR_BIASES = (-0.4, -0.3, -0.2, -0.1, 0.0)
-BASELINE_GRID = {"sigma": (1.0, 2.0), "seed_quantile": (0.5, 0.7, 0.9), "min_distance": (4, 8, 16)}
+BASELINE_GRID = {"sigma": (0.5, 1.0, 2.0), "seed_quantile": (0.5, 0.7, 0.9), "min_distance": (8, 16, 24, 32)}
 
 
 def mutex_segmentations(affinities: np.ndarray, offsets: list, biases=LR_BIASES) -> dict[float, np.ndarray]:
