@@ -83,7 +83,7 @@ def test_psc_segment_help_defaults_are_the_option_dataclasses():
     assert _check_defaults(parser, MRISegmentOptions) >= 3  # device, precision, overlap
     assert _check_defaults(parser, EMRunOptions) >= 3  # workers, thresholds, block size
     text = parser.format_help()
-    assert "(default: 64 64 64)" in text and "(default: 0.25)" in text
+    assert "(default: 128 128 128)" in text and "(default: 0.25)" in text
 
 
 def test_psc_train_help_defaults_are_the_training_configs():

@@ -31,7 +31,7 @@ class RunSettings:
     raw: str
     raw_name: str | None
     weights: str
-    block_size: tuple[int, int, int] = (64, 64, 64)
+    block_size: tuple[int, int, int] = (128, 128, 128)  # benchmarks/em.py --blocks, docs/benchmarks.md
     context: tuple[int, int, int] = (8, 8, 8)
     fragment_threshold: float = 0.5
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS

@@ -166,7 +166,7 @@ def fit_block_size(block_size, shape) -> tuple[int, int, int]:
 
 
 def check_inputs(raw: str | Path, out: str | Path, weights: str | Path, *, raw_name: str | None = None,
-                 block_size=(64, 64, 64), precision: str = "fp32", thresholds=()):
+                 block_size=layout.RunSettings.block_size, precision: str = "fp32", thresholds=()):
     """What :func:`prepare` refuses before it writes anything (weights, the output's place,
     the raw and its intensities, the block size, the thresholds, the output container);
     psc-segment calls it before it takes the run's lock, which creates ``out``. Returns
@@ -186,7 +186,7 @@ def check_inputs(raw: str | Path, out: str | Path, weights: str | Path, *, raw_n
 
 
 def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | None = None,
-            block_size=(64, 64, 64), thresholds=layout.DEFAULT_THRESHOLDS, threshold: float = 0.5,
+            block_size=layout.RunSettings.block_size, thresholds=layout.DEFAULT_THRESHOLDS, threshold: float = 0.5,
             device: str = "cpu", precision: str = "fp32", workers: int = 1,
             force: bool = False) -> layout.RunSettings:
     """Create (or reopen, for a resume) the output container and its arrays.
