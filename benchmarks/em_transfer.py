@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default="", help="write every number here")
     parser.add_argument("--no-variants", action="store_true", help="only the pipeline's scoring (faster)")
+    parser.add_argument("--include", nargs="*", default=[],
+                        help="--json files of earlier runs (same regions): their models join the tables")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results: dict = {"baseline": {}, "models": {}}
@@ -154,6 +156,9 @@ def main() -> None:
                   + "".join(f"; {k} {v['best_voi']:.3f} (at {v['best']})" for k, v in entry.items()
                             if k not in ("mean", "seconds", "per_threshold") and v)
                   + f" ({entry['seconds']:.0f} s)", flush=True)
+    for earlier in args.include:
+        for name, model in json.loads(Path(earlier).read_text())["models"].items():
+            results["models"].setdefault(name, model)
     print_tables(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))

@@ -17,6 +17,7 @@ from psc.models.weights import load_weights
 from psc.pipelines.em.baseline import baseline_segmentation
 from psc.pipelines.em.evaluate import evaluate_run
 from psc.pipelines.em.metrics import evaluate
+from psc.pipelines.em.options import threshold_for
 from psc.pipelines.em.run import prepare, run
 from psc.pipelines.em.synthetic import make_em_volume
 from psc.pipelines.em.volumes import create_volume
@@ -59,7 +60,7 @@ def test_shipped_em_model_beats_the_baseline_on_synthetic_cells(tmp_path):
 
 def _default_threshold_vi(results: dict) -> float:
     card = load_weights(DEFAULT_EM_WEIGHTS)[1]
-    return results[min(results, key=lambda t: abs(float(t) - card.metrics["val_best_threshold"]))]["voi"]
+    return results[min(results, key=lambda t: abs(float(t) - threshold_for(card)))]["voi"]
 
 
 @pytest.mark.skipif(not FIB25.exists(), reason="needs ../shared/data/fib25")

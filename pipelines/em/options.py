@@ -31,8 +31,11 @@ EM_ONLY = own_options(EMRunOptions)  # options the MRI pipeline refuses
 
 
 def threshold_for(card: ModelCard, threshold: float | None = None) -> float:
-    """``threshold`` if given, else the weights' best validation threshold (their card's
-    ``val_best_threshold``), else ``FALLBACK_THRESHOLD``."""
+    """``threshold`` if given, else the weights' default: their card's
+    ``default_threshold`` where one was chosen for transfer (the shipped EM model's, on
+    the leave-one-volume-out rows of docs/results-em.md), else its best validation
+    threshold (``val_best_threshold``), else ``FALLBACK_THRESHOLD``."""
     if threshold is not None:
         return float(threshold)
-    return float(card.metrics.get("val_best_threshold", FALLBACK_THRESHOLD))
+    metrics = card.metrics
+    return float(metrics.get("default_threshold", metrics.get("val_best_threshold", FALLBACK_THRESHOLD)))
