@@ -9,8 +9,9 @@ run: tests assert blockwise = in-memory), then
 - waterz with the pipeline's scoring (mean affinity) at thresholds 0.2-0.8: VI split /
   merge at the card's default threshold and at the region's best;
 - the same fragments with waterz's quantile scoring (median, 75th percentile);
-- mutex watershed (``mwatershed``, Wolf et al. 2018) for models with long-range
-  affinities, over a sweep of the long-range bias;
+- mutex watershed (``mwatershed``, Wolf et al. 2018; not a psc dependency: measured and
+  dropped, docs/results-em.md) for models with long-range affinities when it is
+  installed, over a sweep of the long-range bias;
 
 and the naive baseline (smoothed raw, seeded watershed) tuned on each region itself, so
 it is flattered. Every model's threshold comes from its card; ``--pick-threshold``
@@ -27,6 +28,7 @@ sample only (fib25: both FIB-25 crops; neuroproof).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import time
@@ -146,7 +148,7 @@ def main() -> None:
                     scoring = QUANTILE_SCORING.format(q=q)
                     entry[f"quantile{q}"] = summary(scores(segment_affinities(nearest, VARIANT_THRESHOLDS,
                                                                               scoring=scoring), gt), None)
-                if card.out_channels > 3:
+                if card.out_channels > 3 and importlib.util.find_spec("mwatershed"):  # pip install mwatershed
                     entry["mutex"] = summary(scores(mutex_segmentations(affinities, offsets_of(card)), gt), None)
             entry["seconds"] = time.time() - started
             results["models"][model_name]["regions"][name] = entry
