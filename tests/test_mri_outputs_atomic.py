@@ -83,6 +83,16 @@ def test_write_set_failing_midway_writes_nothing_and_leaves_no_temporary(tmp_pat
     assert everything(tmp_path) == ["b.txt"] and (tmp_path / "b.txt").read_text() == "previous"
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own Ctrl-C handler, as in a terminal: a test run started in the
+    background (``cmd &`` in a script, nohup) inherits SIGINT ignored, and these tests
+    are about what Ctrl-C does."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_during_the_renames_waits_until_they_are_done():
     finished = []
     with pytest.raises(KeyboardInterrupt):
