@@ -7,6 +7,9 @@
 #   scripts/train_em.sh lovo-neuroproof  # NeuroProof only (tested on FIB-25)
 #   scripts/train_em.sh shipped          # all three volumes, P2SC2: the default EM model
 #   scripts/train_em.sh conv3d           # all three volumes, its conv3d twin
+#   scripts/train_em.sh shipped-long     # all three volumes, P2SC2, 10000 iterations (spans sessions)
+#   scripts/train_em.sh lovo-fib25-old-recipe  # lovo-fib25 with the recipe before issue 15
+#                                        # (dtype scaling, basic augmentation, no long-range targets)
 # Same recipe and budget for every run (docs/results-em.md); ITERATIONS overrides 2500
 # only for a new run (the cosine schedule depends on it).
 set -euo pipefail
@@ -19,12 +22,18 @@ FIB_L="$D/fib25.zarr/labels $D/fib25-tiny.zarr/labels"
 NP="$D/neuroproof.zarr/raw"
 NP_L="$D/neuroproof.zarr/labels"
 CONV=p2sc2
+EXTRA=()
+DEFAULT_ITERATIONS=2500
 case "$RUN" in
     lovo-fib25) RAW="$FIB"; LABELS="$FIB_L" ;;
     lovo-neuroproof) RAW="$NP"; LABELS="$NP_L" ;;
     shipped) RAW="$FIB $NP"; LABELS="$FIB_L $NP_L" ;;
     conv3d) RAW="$FIB $NP"; LABELS="$FIB_L $NP_L"; CONV=conv3d ;;
-    *) echo "error: unknown run '$RUN' (lovo-fib25, lovo-neuroproof, shipped or conv3d)" >&2; exit 2 ;;
+    shipped-long) RAW="$FIB $NP"; LABELS="$FIB_L $NP_L"; DEFAULT_ITERATIONS=10000 ;;
+    lovo-fib25-old-recipe) RAW="$FIB"; LABELS="$FIB_L"
+        EXTRA=(--augmentation basic --long-range --normalisation divide-by-dtype-max) ;;
+    *) echo "error: unknown run '$RUN' (lovo-fib25, lovo-neuroproof, shipped, conv3d, shipped-long," \
+            "lovo-fib25-old-recipe)" >&2; exit 2 ;;
 esac
 FOLDER=em-$RUN
 OUT=runs/$FOLDER
@@ -49,11 +58,11 @@ if [ -f "$OUT/pid" ] && kill -0 "$(cat "$OUT/pid")" 2>/dev/null; then
     echo "already running: pid $(cat "$OUT/pid") (log $OUT/train.log)" >&2
     exit 1
 fi
-ITER=${ITERATIONS:-2500}
+ITER=${ITERATIONS:-$DEFAULT_ITERATIONS}
 [ -f "$OUT/config.json" ] && ITER=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/config.json'))['iterations'])")
 echo "=== $(date -u +%FT%TZ) start/resume, commit $(git rev-parse --short HEAD)" >> "$OUT/train.log"
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup setsid .venv/bin/psc-train em --raw $RAW --labels $LABELS \
-    --out "$OUT" --conv $CONV --iterations "$ITER" --val-every 250 --threads 1 "${RESUME[@]}" \
+    --out "$OUT" --conv $CONV --iterations "$ITER" --val-every 250 --threads 1 "${RESUME[@]}" "${EXTRA[@]}" \
     --export "runs/weights/em_unet3d_$RUN.pt" \
     --data-source "FIB-25 (janelia-flyem gala test data; Takemura et al. 2015) and/or NeuroProof training_sample2 (janelia-flyem neuroproof_examples; Parag et al. 2015), as listed under training.volumes" \
     --data-terms "FIB-25 crops: BSD-like (HHMI); NeuroProof: CC BY 3.0, attribute the Janelia FlyEM project" \
