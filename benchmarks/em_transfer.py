@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from psc.models.weights import ModelCard, card_path
-from psc.pipelines.em.agglomerate import QUANTILE_SCORING, SCORING
+from psc.pipelines.em.affinities import long_range_offsets
+from psc.pipelines.em.agglomerate import QUANTILE_SCORING
 from psc.pipelines.em.baseline import baseline_segmentation
 from psc.pipelines.em.intensity import measure
 from psc.pipelines.em.metrics import evaluate
@@ -70,16 +71,10 @@ def mutex_segmentations(affinities: np.ndarray, offsets: list, biases=LR_BIASES)
     return out
 
 
-def offsets_of(card: ModelCard) -> list[tuple[int, int, int]]:
-    offsets = []
-    for index in range(card.out_channels):
-        name = card.labels.get(index, "")
-        axis = "zyx".index(name.split()[1])
-        distance = int(name.split()[-1]) if " at " in name else 1
-        offset = [0, 0, 0]
-        offset[axis] = -distance
-        offsets.append(tuple(offset))
-    return offsets
+def offsets_of(card: ModelCard) -> tuple[tuple[int, int, int], ...]:
+    """The channel offsets of a model trained with long-range targets (its card's
+    ``training.long_range``, in ``affinities.long_range_offsets`` order)."""
+    return long_range_offsets(tuple(int(d) for d in card.training.get("long_range", ())))
 
 
 def scores(segmentations: dict, gt: np.ndarray) -> dict:

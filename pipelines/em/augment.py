@@ -51,6 +51,15 @@ class AugmentConfig:
     blur_sigma: tuple = (0.3, 1.0)
 
 
+# the recipes psc-train em --augmentation names: full (issue 15) and basic (the recipe
+# before it: flips, transposes, mild contrast and gamma)
+RECIPES = {
+    "full": AugmentConfig(),
+    "basic": AugmentConfig(missing_section=0.0, misalignment=0.0, elastic=0.0, contrast=(0.8, 1.2),
+                           brightness=(-0.1, 0.1), gamma=(0.8, 1.25), noise=0.0, blur=0.0),
+}
+
+
 class Augmenter:
     def __init__(self, rng: np.random.Generator, config: AugmentConfig = AugmentConfig()) -> None:
         self.rng, self.config = rng, config

@@ -40,7 +40,7 @@ from psc.utils.files import atomic_write
 from ..training import Panel, Run, SamplerHooks, warmup_cosine
 
 from .affinities import affinities_from_labels, balance_weights, channel_names, known_pairs, long_range_offsets
-from .augment import AugmentConfig, Augmenter
+from .augment import RECIPES, AugmentConfig, Augmenter
 from .intensity import measure
 from .metrics import evaluate
 from .normalise import DEFAULT_NORMALISATION, normaliser
@@ -51,7 +51,7 @@ from .volumes import Volume, open_volume, read_clamped
 BACKBONE_OPTIONS = {"num_fmaps": 12, "fmap_inc_factor": 3, "downsample_factors": [[2, 2, 2], [2, 2, 2]]}
 VAL_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 LONG_RANGE = (3, 9)  # auxiliary affinity distances (voxels) of the default recipe
-AUGMENTATIONS = ("full", "basic")
+AUGMENTATIONS = tuple(RECIPES)
 
 
 @dataclass
@@ -90,14 +90,6 @@ class EMTrainConfig:
     @property
     def offsets(self) -> tuple[tuple[int, int, int], ...]:
         return long_range_offsets(tuple(int(d) for d in self.long_range))
-
-
-BASIC_AUGMENTATION = AugmentConfig(missing_section=0.0, misalignment=0.0, elastic=0.0, contrast=(0.8, 1.2),
-                                   brightness=(-0.1, 0.1), gamma=(0.8, 1.25), noise=0.0, blur=0.0)
-
-
-def augment_config(name: str) -> AugmentConfig:
-    return AugmentConfig() if name == "full" else BASIC_AUGMENTATION
 
 
 def held_out_split(shape: tuple[int, ...], fraction: float, grid: int = 4) -> tuple[Roi, Roi]:
@@ -217,7 +209,7 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
     model = build_model("unet3d", conv=cfg.conv, out_channels=len(offsets), **cfg.options)
     context = int(AffinityPredictor.from_model(model, cfg.normalisation, volumes[0].intensity).context[0])
     sampler = Sampler(volumes, cfg.out_size, context, cfg.seed, cfg.normalisation, offsets,
-                      augment_config(cfg.augmentation))
+                      RECIPES[cfg.augmentation])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = warmup_cosine(optimizer, cfg.iterations)  # cosine, no warm-up
 
@@ -278,7 +270,7 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
                                   for v, l in zip(volumes, cfg.labels)],
                       "iterations": cfg.iterations, "batch": cfg.batch, "out_size": cfg.out_size, "lr": cfg.lr,
                       "seed": cfg.seed, "long_range": list(cfg.long_range), "augmentation": cfg.augmentation,
-                      "augment_config": asdict(augment_config(cfg.augmentation))},
+                      "augment_config": asdict(RECIPES[cfg.augmentation])},
             metrics={"val_iteration": best_result["iteration"], "val_best_threshold": best_result["best_threshold"],
                      "val_voi": best_result["voi"], "val_per_volume": best_result.get("per_volume", {}),
                      "val_per_threshold": best_result["per_threshold"]},
