@@ -10,6 +10,10 @@
 #   scripts/train_em.sh shipped-long     # all three volumes, P2SC2, 10000 iterations (spans sessions)
 #   scripts/train_em.sh lovo-fib25-old-recipe  # lovo-fib25 with the recipe before issue 15
 #                                        # (dtype scaling, basic augmentation, no long-range targets)
+#   scripts/train_em.sh lovo-fib25-histeq       # lovo-fib25, histogram equalisation for the percentiles
+#   scripts/train_em.sh lovo-fib25-basic-aug    # lovo-fib25, basic augmentation only
+#   scripts/train_em.sh lovo-fib25-no-long-range  # lovo-fib25, nearest-neighbour targets only
+# (the last three: one recipe choice each against lovo-fib25, measured on NeuroProof)
 # Same recipe and budget for every run (docs/results-em.md); ITERATIONS overrides 2500
 # only for a new run (the cosine schedule depends on it).
 set -euo pipefail
@@ -32,8 +36,11 @@ case "$RUN" in
     shipped-long) RAW="$FIB $NP"; LABELS="$FIB_L $NP_L"; DEFAULT_ITERATIONS=10000 ;;
     lovo-fib25-old-recipe) RAW="$FIB"; LABELS="$FIB_L"
         EXTRA=(--augmentation basic --long-range --normalisation divide-by-dtype-max) ;;
+    lovo-fib25-histeq) RAW="$FIB"; LABELS="$FIB_L"; EXTRA=(--normalisation histogram-equalisation) ;;
+    lovo-fib25-basic-aug) RAW="$FIB"; LABELS="$FIB_L"; EXTRA=(--augmentation basic) ;;
+    lovo-fib25-no-long-range) RAW="$FIB"; LABELS="$FIB_L"; EXTRA=(--long-range) ;;
     *) echo "error: unknown run '$RUN' (lovo-fib25, lovo-neuroproof, shipped, conv3d, shipped-long," \
-            "lovo-fib25-old-recipe)" >&2; exit 2 ;;
+            "lovo-fib25-old-recipe, lovo-fib25-histeq, lovo-fib25-basic-aug, lovo-fib25-no-long-range)" >&2; exit 2 ;;
 esac
 FOLDER=em-$RUN
 OUT=runs/$FOLDER

@@ -23,7 +23,7 @@ import numpy as np
 
 from psc.utils.errors import InputError
 
-from .normalise import HIGH_KEY, HIGH_PERCENTILE, LOW_KEY, LOW_PERCENTILE
+from .normalise import HIGH_KEY, HIGH_PERCENTILE, LOW_KEY, LOW_PERCENTILE, QUANTILES, QUANTILES_KEY
 from .volumes import Volume, sampled_chunks
 
 SAMPLED_CHUNKS = 32
@@ -116,5 +116,6 @@ def measure(volume: Volume, name: str = "raw") -> tuple[dict, list[str]]:
         warnings.append(f"{name}'s intensities span {100 * span:.1f} % of the input range ({low:g} to {high:g} "
                         f"scaled by {scale:g}): contrast this low is likely to merge segments")
     record = {"dtype": str(dtype), "min": lo, "max": hi, "p0.1": low, "p99.9": high, LOW_KEY: p_low, HIGH_KEY: p_high, "distinct": distinct,
-              "sampled_voxels": int(sample.size), "offset": offset, "scale": scale}
+              "sampled_voxels": int(sample.size), "offset": offset, "scale": scale,
+              QUANTILES_KEY: [float(v) for v in np.percentile(sample, np.linspace(0, 100, QUANTILES))]}
     return record, warnings

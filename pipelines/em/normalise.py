@@ -17,6 +17,15 @@ are scaled alike and the blockwise result equals the whole-volume one.
   al. 2016 and nnU-Net clip and scale by percentiles for the same reason): a low-contrast
   sample (NeuroProof's intensity std is 34 against FIB-25's 54) reaches the network with
   the contrast of a high-contrast one, and a volume's brightness offset disappears.
+- ``histogram-equalisation``: each voxel to the fraction of the volume's voxels darker
+  than it (the volume's cumulative histogram, from ``QUANTILES`` quantiles of the sampled
+  chunks, linear between them). Global histogram equalisation, as connectomics pipelines
+  equalise FIB-SEM stacks before training: two samples then share not only their range
+  but their whole intensity distribution, so a nonlinear difference in contrast (a
+  detector's gamma, a stain that darkens membranes more than cytoplasm) disappears too.
+  CLAHE, the local variant, is not offered: its tiles are placed relative to the array it
+  is given, so a block and the whole volume would be equalised differently and the
+  blockwise result would depend on the block size.
 """
 
 from __future__ import annotations
@@ -31,6 +40,11 @@ from psc.utils.errors import InputError
 # the percentiles robust-percentiles maps to 0 and 1, stored by intensity.measure
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.0
 LOW_KEY, HIGH_KEY = f"p{LOW_PERCENTILE:g}", f"p{HIGH_PERCENTILE:g}"
+# histogram-equalisation's cumulative histogram: this many evenly spaced quantiles, 0 to
+# 100 %, stored by intensity.measure under QUANTILES_KEY (129: 1/128 of the voxels between
+# two, finer than an 8-bit image's histogram bins over its used range)
+QUANTILES = 129
+QUANTILES_KEY = "quantiles"
 
 
 def divide_by_dtype_max(raw: np.ndarray, intensity: dict | None = None) -> np.ndarray:
@@ -58,9 +72,28 @@ def robust_percentiles(raw: np.ndarray, intensity: dict | None = None) -> np.nda
     return ((raw.astype(np.float32) - np.float32(low)) / np.float32(span)).astype(np.float32)
 
 
+def histogram_equalisation(raw: np.ndarray, intensity: dict | None = None) -> np.ndarray:
+    """Each voxel to its position in the volume's cumulative histogram (0: darkest, 1:
+    brightest), interpolated between the measured quantiles of ``intensity``
+    (required, as for robust-percentiles). Equal quantiles (many voxels of one value in
+    8-bit data) are merged into one point at their mean rank, so a value maps to the
+    middle of the voxels that hold it."""
+    if not intensity or QUANTILES_KEY not in intensity:
+        raise InputError("histogram-equalisation normalisation needs the volume's measured quantiles "
+                         "(prepare the run again with this version of psc)")
+    values = np.asarray(intensity[QUANTILES_KEY], dtype=np.float64)
+    ranks = np.linspace(0.0, 1.0, values.size)
+    points, inverse = np.unique(values, return_inverse=True)
+    mean_ranks = np.bincount(inverse, weights=ranks) / np.bincount(inverse)
+    if points.size == 1:
+        return np.full(raw.shape, 0.5, np.float32)
+    return np.interp(raw.astype(np.float32), points, mean_ranks).astype(np.float32)
+
+
 NORMALISATIONS: dict[str, Callable[..., np.ndarray]] = {
     "divide-by-dtype-max": divide_by_dtype_max,
     "robust-percentiles": robust_percentiles,
+    "histogram-equalisation": histogram_equalisation,
 }
 DEFAULT_NORMALISATION = "robust-percentiles"
 
