@@ -21,8 +21,9 @@ rule for the shipped model's default.
     python benchmarks/em_transfer.py --threads 2 \\
         fib25=models/pretrained/em_unet3d_p2sc2.pt lovo-fib25=runs/weights/em_unet3d_lovo-fib25.pt ...
 
-Model names starting ``lovo-<volume>`` mark leave-one-volume-out models trained on that
-sample only (fib25: both FIB-25 crops; neuroproof).
+Model names ``lovo-<sample>`` or ``lovo-<sample>-<variant>`` (an ablation) mark
+leave-one-volume-out models trained on that sample only (fib25: both FIB-25 crops;
+neuroproof).
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ def main() -> None:
 
 
 def lovo_sample(model_name: str) -> str | None:
-    return model_name[len("lovo-"):] if model_name.startswith("lovo-") else None
+    """The one sample a ``lovo-<sample>`` or ``lovo-<sample>-<variant>`` model was trained on."""
+    samples = {sample for _, sample in REGIONS.values()}
+    return next((s for s in samples if model_name in (f"lovo-{s}",) or model_name.startswith(f"lovo-{s}-")), None)
 
 
 def print_tables(results: dict) -> None:
