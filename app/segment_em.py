@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(em, "--worker-command", help="start each worker with this shell command instead (e.g. "
                "'ssh node psc-worker {out}'); DAISY_CONTEXT tells it where the scheduler is")
     add_option(em, "--host", help="address workers connect to; 127.0.0.1 keeps it local", default="detected")
+    add_option(em, "--graph", metavar="URL", default="OUT.zarr/graph.sqlite (a resume: the recorded URL)",
+               help="the region graph: sqlite:///path, or postgresql://user@host:port/db for workers on other "
+               "hosts (pip install \"psc[cluster]\"; the password from PGPASSWORD or ~/.pgpass, never in the URL)")
     add_option(em, "--spool", action="store_true", help="start no workers: post them under OUT.zarr/.workers/ "
                "for running 'psc-worker --serve OUT.zarr' processes (containers) to take")
     from psc.pipelines.em.stages import STAGES
@@ -97,10 +100,11 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
     # a bad input leaves nothing behind (nor a container that is not a psc run deleted)
     check_inputs(str(raw), out, weights, block_size=options.block_size, precision=options.precision)
     resuming = (Path(out) / layout.TRACKING_DIR).exists() and not options.force
+    graph = _graph_for(options, out)
     started = time.perf_counter()
     try:
         return _run_locked(args, options, raw, out, weights, threshold, device, stages, resuming, started,
-                           console)
+                           console, graph)
     except BaseException as error:
         if not is_disk_full(error):
             raise
@@ -177,7 +181,27 @@ def _reason(error: BaseException) -> str:
     return text if len(text) <= 200 else "..." + text[-197:]
 
 
-def _run_locked(args, options, raw, out, weights, threshold, device, stages, resuming, started, console) -> int:
+def _graph_for(options: EMRunOptions, out: Path) -> str:
+    """The region graph's URL for this run (``graph_url.for_run``: the recorded one on a
+    resume), checked before any work: a bad URL, a password in it, psycopg missing, a
+    server not reachable, or the SQLite graph for workers on other hosts is one line."""
+    from psc.pipelines.em import graph_url, layout
+    from psc.pipelines.em.run import check_output_container
+
+    recorded = None
+    if check_output_container(out):
+        try:
+            recorded = layout.RunSettings.load(out).graph
+        except (KeyError, TypeError):
+            recorded = None
+    graph = graph_url.for_run(options.graph, out, recorded)
+    graph_url.check_shared(graph, options.worker_command, options.spool, options.host)
+    graph_url.check_reachable(graph)
+    return graph
+
+
+def _run_locked(args, options, raw, out, weights, threshold, device, stages, resuming, started, console,
+                graph) -> int:
     """The run itself, under its lock (prepare, the stages, the QC picture, the scores)."""
     from psc.pipelines.em import layout, preflight
     from psc.pipelines.em.evaluate import evaluate_run, format_table
@@ -189,7 +213,8 @@ def _run_locked(args, options, raw, out, weights, threshold, device, stages, res
             held.enter_context(run_lock(out))
             settings = prepare(str(raw), out, weights, block_size=options.block_size,
                                thresholds=options.thresholds, threshold=threshold, device=device,
-                               precision=options.precision, workers=max(1, options.workers), force=options.force)
+                               precision=options.precision, workers=max(1, options.workers), force=options.force,
+                               graph=graph)
         except OSError as error:
             if is_disk_full(error):
                 raise
@@ -221,6 +246,8 @@ def _run_locked(args, options, raw, out, weights, threshold, device, stages, res
     for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION, layout.GRAPH_FILE, "qc.png"):
         if (Path(out) / name).exists():
             console.print(f"  {Path(out) / name}", highlight=False)
+    if settings.graph:
+        console.print(f"  region graph: {settings.graph}", highlight=False)
     if options.gt:
         print(format_table(evaluate_run(str(out), options.gt, progress=sys.stderr.isatty())))
     return 0

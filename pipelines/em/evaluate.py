@@ -13,7 +13,8 @@ from tqdm import tqdm
 from psc.utils.errors import InputError
 from . import layout
 from .blocks import blocks
-from .graph import GraphStore, apply_lookup
+from .graph import apply_lookup
+from .graph_url import open_run_graph
 from .metrics import Contingency, contingency_of, scores, sum_pairs
 from .volumes import Volume, open_volume
 
@@ -36,7 +37,7 @@ def evaluate_run(out: str, gt: str, progress: bool = True) -> dict[float, dict[s
     """Scores of the run in ``out`` at every threshold it stored."""
     fragments = open_volume(out, layout.FRAGMENTS)
     frag_ids, gt_ids, counts = contingency(fragments, open_volume(gt), progress).to_arrays()
-    graph = GraphStore(layout.graph_path(out))
+    graph = open_run_graph(out)  # its recorded graph URL: SQLite or PostgreSQL
     try:
         results = {}
         for threshold in graph.thresholds():

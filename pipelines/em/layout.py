@@ -43,6 +43,7 @@ class RunSettings:
     raw_fingerprint: dict = field(default_factory=dict)  # volumes.fingerprint of the raw ({} for older runs)
     raw_intensity: dict = field(default_factory=dict)  # intensity.measure: predict's input range ({}: older runs)
     warnings: list = field(default_factory=list)  # what the run found suspicious, also printed
+    graph: str = ""  # the region graph's URL, no password (graph_url.py; "": OUT.zarr/graph.sqlite)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -87,6 +88,8 @@ SETTING_RULES: dict[str, Rule] = {
     "threshold": Rule(invalidates="relabel", why="the lookup table relabel applies"),
     "thresholds": Rule(why="merge recomputes every table on every run; a table does not depend on the others"),
     "threads_per_worker": Rule(why="only how many threads a worker uses (follows --workers)"),
+    "graph": Rule(fixed=True, why="the region graph holds the fragments and edges the done blocks wrote "
+                  "(--graph on a resume may be left out: the recorded URL is used)"),
     "extra": Rule(why="the run's own bookkeeping (what each stage's done markers were made with)"),
     "warnings": Rule(why="a record of what the run found suspicious (the raw's intensities, a single segment)"),
 }

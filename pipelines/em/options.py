@@ -25,6 +25,7 @@ class EMRunOptions(SegmentOptions):
     host: str | None = None  # the address workers connect to; None: detected
     spool: bool = False  # post workers under OUT.zarr/.workers/ for psc-worker --serve
     stage: tuple[str, ...] | None = None  # run only these stages; None: all
+    graph: str | None = None  # the region graph's URL (graph_url.py); None: a resume's recorded one, else SQLite
 
 
 EM_ONLY = own_options(EMRunOptions)  # options the MRI pipeline refuses

@@ -31,7 +31,7 @@ from psc.models.weights import EM_AFFINITY, read_card
 from psc.utils.errors import InputError
 
 from ..precision import check_precision
-from . import layout
+from . import graph_url, layout
 from .intensity import measure
 from .lock import LOCK_FILE, run_lock
 from .spool import SpoolWorker, finish_run, start_run
@@ -121,6 +121,8 @@ def clear_run(out: str | Path) -> None:
     out = Path(out)
     if not _is_run(out):
         return
+    # a PostgreSQL graph (or a SQLite file elsewhere) is the run's too: its schema goes first
+    graph_url.clear_graph(zarr.open_group(str(out), mode="r").attrs["psc"].get("graph", ""), out)
     arrays = {array.name for stage in STAGES for array in stage.creates}
     for name in (*sorted(arrays), *layout.RUN_FILES):
         path = out / name
@@ -188,7 +190,7 @@ def check_inputs(raw: str | Path, out: str | Path, weights: str | Path, *, raw_n
 def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | None = None,
             block_size=layout.RunSettings.block_size, thresholds=layout.DEFAULT_THRESHOLDS, threshold: float = 0.5,
             device: str = "cpu", precision: str = "fp32", workers: int = 1,
-            force: bool = False) -> layout.RunSettings:
+            force: bool = False, graph: str | None = None) -> layout.RunSettings:
     """Create (or reopen, for a resume) the output container and its arrays.
 
     ``precision`` (``psc.pipelines.precision``) is resolved by each worker on its own
@@ -201,7 +203,10 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
     (:func:`check_output`), a container that is not a psc run (:func:`check_output_container`),
     a run held by another process (``lock.run_lock``), and a resume whose fixed settings
     (``layout.SETTING_RULES``), raw content or weights content differ. ``force``: remove
-    what the earlier run wrote (:func:`clear_run`) and start over."""
+    what the earlier run wrote (:func:`clear_run`) and start over. ``graph``: the region
+    graph's URL (``graph_url.for_run``: None, a resume's recorded one or the SQLite file in
+    ``out``; a PostgreSQL URL without a schema gets the run's own)."""
+    graph_url.parse(graph)  # a bad URL refused before anything is written
     card, source, block_size, (intensity, warnings) = check_inputs(
         raw, out, weights, raw_name=raw_name, block_size=block_size, precision=precision,
         thresholds=(*thresholds, threshold))
@@ -220,6 +225,9 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
         group = open_container(out, mode="a")
         previous = group.attrs.get("psc")
         if previous is not None:
+            previous = {"graph": "", **previous}  # runs from before --graph: the SQLite file
+        settings.graph = graph_url.for_run(graph, out, previous["graph"] if previous is not None else None)
+        if previous is not None:
             now = asdict(settings)
             changed = []
             for key in layout.fixed_settings():
@@ -232,6 +240,9 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
                                  "content): start over with --force or another -o")
             if "weights_sha256" in changed:
                 changed[changed.index("weights_sha256")] = "weights (same path, other content)"
+            if "graph" in changed:
+                changed[changed.index("graph")] = (f"graph ({graph_url.parse(previous['graph']).describe()}; "
+                                                   "leave out --graph to resume with it)")
             if changed:
                 raise InputError(f"{out} holds a run with other {', '.join(changed)}: these are fixed for a run; "
                                  "start over with --force or another -o")
@@ -353,6 +364,7 @@ def run(out: str | Path, workers: int = 1, worker_command: str | None = None, ho
         raise InputError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGE_NAMES)}")
     check_spool(spool, workers, worker_command)
     out = str(out)
+    graph_url.check_shared(layout.RunSettings.load(out).graph, worker_command, spool, host)
     with run_lock(out):  # the scheduler's; workers never take it (lock.py)
         return _run_spooled(out, workers, worker_command, host, progress, stages, spool)
 

@@ -224,12 +224,12 @@ class Fragments(Stage):
     def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
         from .affinities import from_uint8
         from .fragments import globalise, watershed_fragments
-        from .graph import GraphStore
+        from .graph_url import open_run_graph
         from .volumes import open_volume
 
         affinities = open_volume(worker.out, layout.AFFINITIES)
         fragments = open_volume(worker.out, layout.FRAGMENTS, mode="r+")
-        graph = GraphStore(layout.graph_path(worker.out))
+        graph = open_run_graph(worker.out, worker.settings)
         threshold = worker.settings.fragment_threshold
 
         def process(read_roi: Roi, write_roi: Roi) -> None:
@@ -257,12 +257,12 @@ class Edges(Stage):
         from .affinities import from_uint8
         from .agglomerate import score_edges
         from .fragments import fragment_block
-        from .graph import GraphStore
+        from .graph_url import open_run_graph
         from .volumes import open_volume
 
         affinities = open_volume(worker.out, layout.AFFINITIES)
         fragments = open_volume(worker.out, layout.FRAGMENTS)
-        graph = GraphStore(layout.graph_path(worker.out))
+        graph = open_run_graph(worker.out, worker.settings)
 
         def process(read_roi: Roi, write_roi: Roi) -> None:
             index = worker.block_index(write_roi)
@@ -281,10 +281,10 @@ class Merge(Stage):
     blockwise = False
 
     def run(self, out: str, settings: layout.RunSettings) -> dict:
-        from .graph import GraphStore
+        from .graph_url import open_run_graph
         from .merge import write_lookup_tables
 
-        graph = GraphStore(layout.graph_path(out))
+        graph = open_run_graph(out, settings)
         try:
             return {"segments": write_lookup_tables(graph, settings.thresholds)}
         finally:
@@ -294,12 +294,11 @@ class Merge(Stage):
         """Done when the graph holds a lookup table at every threshold of the run (relabel
         applies the one at ``threshold``; a table missing is a merge that never ran, or
         ran before ``--threshold`` or ``--thresholds`` changed)."""
-        from .graph import GraphStore
+        from .graph_url import has_graph, open_run_graph
 
-        path = layout.graph_path(out)
-        if not path.is_file():
-            return False  # GraphStore would create it
-        graph = GraphStore(path)
+        if not has_graph(settings.graph, out):
+            return False  # opening would create it
+        graph = open_run_graph(out, settings)
         try:
             stored = set(graph.thresholds())
         finally:
@@ -314,12 +313,13 @@ class Relabel(Stage):
 
     @contextmanager
     def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
-        from .graph import GraphStore, apply_lookup
+        from .graph import apply_lookup
+        from .graph_url import open_run_graph
         from .volumes import open_volume
 
         fragments = open_volume(worker.out, layout.FRAGMENTS)
         segmentation = open_volume(worker.out, layout.SEGMENTATION, mode="r+")
-        graph = GraphStore(layout.graph_path(worker.out))
+        graph = open_run_graph(worker.out, worker.settings)
         try:
             ids, segments = graph.lookup(worker.settings.threshold)
         finally:

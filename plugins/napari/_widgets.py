@@ -396,7 +396,8 @@ class ThresholdWidget(_Panel):
 
     def _load_run(self, *_) -> None:
         from psc.pipelines.em import layout
-        from psc.pipelines.em.graph import GraphStore
+        from psc.pipelines.em.graph_url import has_graph, open_run_graph
+        from psc.utils.errors import InputError
 
         layer = self.segmentation.value
         if layer is None:
@@ -404,11 +405,17 @@ class ThresholdWidget(_Panel):
             self.value_label.value = "no EM run open (a Labels layer of OUT.zarr)"
             return
         out = self.run_path
-        if not layout.graph_path(out).is_file():
+        settings = layout.RunSettings.load(out)
+        if not has_graph(settings.graph, out):
             self.thresholds = []
             self.value_label.value = f"{out.name} has no region graph ({layout.GRAPH_FILE})"
             return
-        graph = GraphStore(layout.graph_path(out))
+        try:  # the run's recorded graph URL: its SQLite file or its PostgreSQL schema
+            graph = open_run_graph(out, settings)
+        except InputError as error:  # e.g. the PostgreSQL server is not reachable from here
+            self.thresholds = []
+            self.value_label.value = str(error)
+            return
         try:
             self.thresholds = [float(t) for t in graph.thresholds()]
         finally:
@@ -444,10 +451,9 @@ class ThresholdWidget(_Panel):
             return None
 
         def load():
-            from psc.pipelines.em import layout
-            from psc.pipelines.em.graph import GraphStore
+            from psc.pipelines.em.graph_url import open_run_graph
 
-            graph = GraphStore(layout.graph_path(out))  # a connection of this thread's own
+            graph = open_run_graph(out)  # a connection of this thread's own
             try:
                 return graph.lookup(threshold)
             finally:
