@@ -95,7 +95,8 @@ echo "hadolint: docker/Dockerfile clean"
 mkdir -m 0777 "$RUN/data"
 # compose runs as PSC_UID:PSC_GID: a uid the image does not know, as a host user's would be
 export PSC_IMAGE=$IMAGE PSC_DATA=$RUN/data PSC_UID=4321 PSC_GID=4321 PSC_DEVICE=cpu \
-    PSC_EM_RAW=/data/raw.zarr/raw PSC_EM_OUT=/data/spooled.zarr PSC_EM_ARGS="--block-size 32 32 32"
+    PSC_EM_RAW=/data/raw.zarr/raw PSC_EM_OUT=/data/spooled.zarr PSC_EM_ARGS="--block-size 32 32 32" \
+    PSC_EM_GRAPH=sqlite:///data/spooled.sqlite  # no registry here for the postgres image (step 7)
 docker-compose -f "$REPO/docker/compose.yaml" config --quiet
 docker-compose -f "$REPO/docker/compose.yaml" config --services | sort | tr '\n' ' '
 echo "<- docker-compose $(docker-compose version --short): compose.yaml valid"
@@ -218,7 +219,12 @@ import sys
 import yaml
 
 compose = yaml.safe_load(open(sys.argv[1]))
+# nor an image registry: the PostgreSQL graph service (postgres:15) cannot be pulled, so the
+# EM run keeps its graph in SQLite (PSC_EM_GRAPH above; every container is on this host)
+compose["services"].pop("em-graph", None)
+compose.pop("volumes", None)
 for service in compose["services"].values():
+    service.pop("depends_on", None)
     service.pop("deploy", None)
     service.get("environment", {}).pop("PSC_REQUIRE_GPU", None)
 yaml.safe_dump(compose, open(sys.argv[2], "w"), sort_keys=False)
