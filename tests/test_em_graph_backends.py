@@ -245,11 +245,11 @@ def test_postgresql_and_sqlite_runs_give_the_same_segmentation(sqlite_run, postg
     sqlite = GraphStore(sqlite_run / layout.GRAPH_FILE)
     try:
         expected = {table: sqlite.connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-                    for table in ("fragments", "edges", "segments")}
+                    for table in ("fragments", "edges", "lookup_parts")}
         assert fragments == sqlite.fragment_ids().tolist()
     finally:
         sqlite.close()
-    assert counts == expected and counts["edges"] > 0 and counts["segments"] > 0
+    assert counts == expected and counts["edges"] > 0 and counts["lookup_parts"] > 0
 
 
 def test_the_recorded_url_has_no_password_and_names_the_schema(postgres_run, postgres):

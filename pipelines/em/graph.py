@@ -37,20 +37,23 @@ SCHEMA = (
         PRIMARY KEY (u, v))""",
     "CREATE INDEX IF NOT EXISTS edges_block ON edges (block)",
     "CREATE INDEX IF NOT EXISTS fragments_block ON fragments (block)",
-    """CREATE TABLE IF NOT EXISTS segments (
-        threshold DOUBLE PRECISION NOT NULL, fragment BIGINT NOT NULL,
-        segment BIGINT NOT NULL, PRIMARY KEY (threshold, fragment))""",
+    # a lookup table in parts of LOOKUP_PART fragments: (fragment ids, segment ids) as
+    # little-endian uint64 bytes; BYTEA is PostgreSQL's binary type, and SQLite stores
+    # bytes as they are in a column of any declared type
+    """CREATE TABLE IF NOT EXISTS lookup_parts (
+        threshold DOUBLE PRECISION NOT NULL, part BIGINT NOT NULL,
+        fragments BYTEA NOT NULL, segments BYTEA NOT NULL, PRIMARY KEY (threshold, part))""",
 )
-TABLES = ("fragments", "edges", "segments")
+TABLES = ("fragments", "edges", "lookup_parts")
 CHUNK_ROWS = 1_000_000  # rows per fetch: bounded memory for the driver's row objects
+LOOKUP_PART = 1 << 20  # fragments per stored part of a lookup table (16 MiB a row)
 
 # The columns of each read, as numpy dtypes. merge_score may be NULL (never merged): it is
 # read as (is-null flag, value or 0), so that no read needs a driver-level None.
 FRAGMENT_IDS = ("SELECT id FROM fragments ORDER BY id", np.dtype([("id", "i8")]))
 EDGES = ("SELECT u, v, merge_score IS NULL, COALESCE(merge_score, 0) FROM edges",
          np.dtype([("u", "i8"), ("v", "i8"), ("never", "?"), ("score", "f8")]))
-LOOKUP = ("SELECT fragment, segment FROM segments WHERE threshold = {mark} ORDER BY fragment",
-          np.dtype([("fragment", "i8"), ("segment", "i8")]))
+LOOKUP = "SELECT fragments, segments FROM lookup_parts WHERE threshold = {mark} ORDER BY part"
 
 
 def edge_arrays(edges) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -90,11 +93,21 @@ class RegionGraph:
         self._replace("edges", "block", block, columns)
 
     def write_lookup(self, threshold: float, fragments: np.ndarray, segments: np.ndarray) -> None:
-        """Replace the lookup table of ``threshold``."""
-        fragments = np.asarray(fragments).astype(np.int64)
-        columns = {"threshold": np.full(len(fragments), float(threshold)), "fragment": fragments,
-                   "segment": np.asarray(segments).astype(np.int64)}
-        self._replace("segments", "threshold", float(threshold), columns)
+        """Replace the lookup table of ``threshold``.
+
+        Stored as a few rows of bytes, not a row per fragment: a volume's nine tables are
+        nine times its fragments (2 * 10^7 rows for a 10^7-edge graph), which as rows
+        took SQLite two minutes to write; as bytes they take about a second, and reading
+        one back (each napari threshold change) is a copy."""
+        fragments = np.asarray(fragments).astype("<u8")
+        segments = np.asarray(segments).astype("<u8")
+        if fragments.shape != segments.shape:
+            raise ValueError("a lookup table needs one segment id per fragment id")
+        rows = [(float(threshold), start // LOOKUP_PART, fragments[start:start + LOOKUP_PART].tobytes(),
+                 segments[start:start + LOOKUP_PART].tobytes())
+                for start in range(0, len(fragments), LOOKUP_PART)]
+        self._replace_rows("lookup_parts", "threshold", float(threshold),
+                           ("threshold", "part", "fragments", "segments"), rows)
 
     def fragment_ids(self) -> np.ndarray:
         """Every fragment id, sorted (uint64)."""
@@ -109,15 +122,16 @@ class RegionGraph:
 
     def thresholds(self) -> list[float]:
         return [float(t) for t in self._select(
-            "SELECT DISTINCT threshold FROM segments ORDER BY threshold", np.dtype([("t", "f8")]))["t"]]
+            "SELECT DISTINCT threshold FROM lookup_parts ORDER BY threshold", np.dtype([("t", "f8")]))["t"]]
 
     def lookup(self, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """(fragment ids sorted, their segment ids) for a stored threshold."""
-        sql, dtype = LOOKUP
-        table = self._select(sql.format(mark=self.paramstyle), dtype, (float(threshold),))
-        if not len(table):
+        rows = self._fetch_rows(LOOKUP.format(mark=self.paramstyle), (float(threshold),))
+        if not rows:
             raise KeyError(f"no lookup table for threshold {threshold}")
-        return table["fragment"].astype(np.uint64), table["segment"].astype(np.uint64)
+        fragments = np.concatenate([np.frombuffer(bytes(f), "<u8") for f, _ in rows]).astype(np.uint64)
+        segments = np.concatenate([np.frombuffer(bytes(s), "<u8") for _, s in rows]).astype(np.uint64)
+        return fragments, segments
 
     def clear(self) -> None:
         """Drop every table of this graph (``--force``)."""
@@ -136,6 +150,14 @@ class RegionGraph:
 
     def _select(self, sql: str, dtype: np.dtype, params: Sequence = ()) -> np.ndarray:
         """The rows of a query (no NULLs) as a structured array of ``dtype``."""
+        raise NotImplementedError
+
+    def _replace_rows(self, table: str, key: str, value, names: Sequence[str], rows: list[tuple]) -> None:
+        """Like ``_replace``, for a few rows of Python values (bytes among them)."""
+        raise NotImplementedError
+
+    def _fetch_rows(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        """All rows of a query that returns few (bytes values as bytes or memoryview)."""
         raise NotImplementedError
 
 
@@ -179,17 +201,23 @@ class GraphStore(RegionGraph):
             self.connection.execute(f"DROP TABLE IF EXISTS {table}")
 
     def _replace(self, table: str, key: str, value, columns: dict[str, np.ndarray]) -> None:
-        names = ", ".join(columns)
-        marks = ", ".join("?" * len(columns))
+        self._replace_rows(table, key, value, tuple(columns), _python_rows(columns))
+
+    def _replace_rows(self, table: str, key: str, value, names: Sequence[str], rows: Iterable[tuple]) -> None:
+        marks = ", ".join("?" * len(names))
         with closing(self.connection.cursor()) as cursor:
             cursor.execute("BEGIN IMMEDIATE")
             try:
                 cursor.execute(f"DELETE FROM {table} WHERE {key} = ?", (value,))
-                cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", _python_rows(columns))
+                cursor.executemany(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({marks})", rows)
                 cursor.execute("COMMIT")
             except BaseException:
                 cursor.execute("ROLLBACK")
                 raise
+
+    def _fetch_rows(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        with closing(self.connection.cursor()) as cursor:
+            return cursor.execute(sql, tuple(params)).fetchall()
 
     def _select(self, sql: str, dtype: np.dtype, params: Sequence = ()) -> np.ndarray:
         with closing(self.connection.cursor()) as cursor:

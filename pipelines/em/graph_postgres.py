@@ -93,6 +93,16 @@ class PostgresGraph(RegionGraph):
                                                  for name, values in chosen.items()}))
                     copy.write(_COPY_TRAILER)
 
+    def _replace_rows(self, table: str, key: str, value, names: Sequence[str], rows: list[tuple]) -> None:
+        with self.connection.transaction(), self.connection.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {table} WHERE {key} = %s", (value,))
+            cursor.executemany(f"INSERT INTO {table} ({', '.join(names)}) VALUES "
+                               f"({', '.join(['%s'] * len(names))})", rows)
+
+    def _fetch_rows(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        with self.connection.cursor(binary=True) as cursor:
+            return cursor.execute(sql, tuple(params)).fetchall()
+
     def _select(self, sql: str, dtype: np.dtype, params: Sequence = ()) -> np.ndarray:
         with self.connection.transaction():  # a server-side cursor lives in a transaction
             with self.connection.cursor(name=f"psc_{uuid.uuid4().hex}", binary=True) as cursor:
