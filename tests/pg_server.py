@@ -7,6 +7,10 @@ Durability is switched off (``fsync=off``): the server lives for one test module
 
 ``PostgresServer.unavailable()`` says why none can be started here (no binaries, no
 non-root user to run them), for ``pytest.skip``.
+
+``PostgresServer(listen=ADDRESS, netns=NAME)`` (the multi-host test): the server listens
+on ADDRESS instead of 127.0.0.1, inside network namespace NAME (``ip netns exec``);
+``options`` are more ``-c name=value`` settings (e.g. ``log_connections=on``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, listen: str = "127.0.0.1", netns: str | None = None, options: str = "") -> None:
+        self.host, self.netns, self.options = listen, netns, options
         self.bin = _bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="psc-pg-"))  # under /tmp: the postgres user can enter it
         self.data = self.root / "data"
@@ -65,7 +70,8 @@ class PostgresServer:
         return None
 
     def _run(self, *command: str) -> None:
-        prefix = ["runuser", "-u", "postgres", "--"] if self.as_user else []
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        prefix += ["runuser", "-u", "postgres", "--"] if self.as_user else []
         subprocess.run([*prefix, *command], check=True, capture_output=True, text=True, timeout=120)
 
     def start(self) -> "PostgresServer":
@@ -77,8 +83,11 @@ class PostgresServer:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, f"--pwfile={password_file}",
                   "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c shared_buffers=32MB")
+        if self.host != "127.0.0.1":  # initdb admits loopback only: the listening address's subnet too
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write("host all all samenet scram-sha-256\n")
+        options = (f"-c listen_addresses={self.host} -p {self.port} -k {self.root} -c fsync=off "
+                   f"-c synchronous_commit=off -c full_page_writes=off -c shared_buffers=32MB {self.options}")
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l",
                   str(self.root / "server.log"), "-w", "-t", "60", "start")
         import psycopg
@@ -97,12 +106,12 @@ class PostgresServer:
 
     @property
     def admin_url(self) -> str:
-        return f"postgresql://{USER}@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://{USER}@{self.host}:{self.port}/postgres"
 
     @property
     def url(self) -> str:
         """The URL a run is given (no password: that comes from PGPASSWORD)."""
-        return f"postgresql://{USER}@127.0.0.1:{self.port}/{DATABASE}"
+        return f"postgresql://{USER}@{self.host}:{self.port}/{DATABASE}"
 
     def connect(self, **options):
         import psycopg
