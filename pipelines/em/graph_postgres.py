@@ -66,6 +66,15 @@ class PostgresGraph(RegionGraph):
             self.connection.execute(f"SET search_path TO {quote_identifier(schema)}")
             for statement in SCHEMA:
                 self.connection.execute(statement)
+            # lookup tables are uint64 bytes that do not compress: storing them uncompressed
+            # (EXTERNAL) makes writing nine 2.2 * 10^6-fragment tables 7x faster (30 s -> 4 s).
+            # Altered once, when the table is new (ALTER takes an exclusive lock).
+            compressed = self.connection.execute(
+                "SELECT count(*) FROM pg_attribute WHERE attrelid = 'lookup_parts'::regclass "
+                "AND attname IN ('fragments', 'segments') AND attstorage <> 'e'").fetchone()[0]
+            if compressed:
+                for column in ("fragments", "segments"):
+                    self.connection.execute(f"ALTER TABLE lookup_parts ALTER COLUMN {column} SET STORAGE EXTERNAL")
 
     def close(self) -> None:
         self.connection.close()
