@@ -6,7 +6,14 @@
 * receptive field: measured by back-propagation through a copy of the model whose
   weights are all positive and whose normalisation layers are identities, so no
   ReLU can hide a path: the input voxels with non-zero gradient for one central
-  output voxel span the receptive field, per axis.
+  output voxel span the receptive field, per axis. "Weights" are all parameters with
+  more than one dimension, whatever their name (the atoms of ``models/jfd.py`` and the
+  search logits of ``models/cakes.py`` too), so a layer that builds its kernels from
+  other parameters is probed through the kernels it really uses.
+
+These hold for every convolution of the registry (conv3d, PmSCn, CAKES, joint filter
+decomposition): each is made of torch convolutions that ``FlopCounterMode`` counts
+(grouped ones included), and none has a kernel footprint that the probe cannot see.
 """
 
 from __future__ import annotations
@@ -48,20 +55,24 @@ def macs_per_output_voxel(model: nn.Module, input_shape: tuple[int, ...], in_cha
 
 
 def _positive_copy(model: nn.Module) -> nn.Module:
+    """Every parameter with more than one dimension (convolution kernels, and the atoms
+    of a joint filter decomposition or the shape logits of a CAKES search, which are not
+    called ``weight``) set to ``1 / fan_in``, every bias to zero, normalisation layers
+    reset: every path through the network then carries a positive signal."""
     probe = copy.deepcopy(model).to(torch.float64).eval()
     for module in probe.modules():
         if isinstance(module, nn.modules.batchnorm._NormBase):
             module.reset_parameters()
             module.reset_running_stats()
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter) and weight.dim() > 1:
-            fan_in = weight[0].numel() if not isinstance(module, nn.ConvTranspose3d) else weight.shape[0]
+            continue
+        for name, parameter in module.named_parameters(recurse=False):
             with torch.no_grad():
-                weight.fill_(1.0 / fan_in)
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, nn.Parameter) and not isinstance(module, nn.modules.batchnorm._NormBase):
-            with torch.no_grad():
-                bias.fill_(0.0)
+                if parameter.dim() > 1:
+                    transposed = isinstance(module, nn.ConvTranspose3d) and name == "weight"
+                    fan_in = parameter.shape[0] if transposed else parameter[0].numel()
+                    parameter.fill_(1.0 / fan_in)
+                elif name == "bias":
+                    parameter.fill_(0.0)
     return probe
 
 

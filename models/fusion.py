@@ -13,7 +13,14 @@ convolution's output (a "post-op"); torch exposes that as
 * ``PmSCn`` block followed by ``ReLU``, or by ``BatchNorm3d`` and ``ReLU`` (the batch
   norm split by channel over the streams and folded into each stream's last
   convolution, the ReLU moved there too: batch norm and ReLU of a concatenation are the
-  concatenation of the per-stream ones)
+  concatenation of the per-stream ones),
+* ``Cakes`` layer followed by ``ReLU``, or by ``BatchNorm3d`` and ``ReLU`` (the same per
+  group: each kernel-shape group is one convolution whose output channels are known, so
+  its part of the batch norm is folded into it, the ReLU its post-op), and
+* ``JointFilterDecomposition`` followed by ``ReLU``, or by ``BatchNorm3d`` and ``ReLU``
+  (folded into the 1x1x1 joint-coefficient convolution, the layer's last: the two atom
+  convolutions before it are linear and shared by all output channels, so nothing of a
+  per-channel batch norm can go into them)
 
 inside an ``nn.Sequential`` becomes one :class:`ConvReLU3d`, and every
 
@@ -24,6 +31,10 @@ becomes a :class:`BatchNormReLU3d`: the batch norm as a per-channel (depthwise) 
 convolution with the ReLU as its post-op, one pass over memory instead of two (in bf16,
 over 32 brain-sized channels, a batch norm plus an in-place ReLU took 111 ms, the
 depthwise kernel 49 ms).
+
+Not fused: the ``CakesSearch`` layer (a training-time module; freeze it first,
+``models/cakes.freeze_search``) and a batch norm with no ReLU after it (a ResNet block's
+second normalisation, before the residual addition), as for the other convolutions.
 
 Positions are kept (the layers folded away become ``nn.Identity``), so code that
 indexes a Sequential still works. The result computes the same function; off the CPU,
@@ -41,6 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .cakes import Cakes
+from .jfd import JointFilterDecomposition
 from .pmscn import PmSCn
 
 _POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -150,6 +163,29 @@ def _fuse_sequential(sequence: nn.Sequential) -> None:
                 _replace(sequence, names, i, relu, layer)
                 i = relu + 1
                 continue
+        elif isinstance(layer, Cakes) and not any(isinstance(g, ConvReLU3d) for g in layer.groups):
+            norm = sequence[end] if end < len(names) and isinstance(sequence[end], nn.BatchNorm3d) else None
+            relu = end + (norm is not None)
+            if relu < len(names) and isinstance(sequence[relu], nn.ReLU):
+                for k, channels in enumerate(layer.group_channels()):
+                    group = layer.groups[k]
+                    if norm is not None:
+                        group = fuse_conv_bn_eval(group, _select_channels(norm, channels))
+                    layer.groups[k] = ConvReLU3d(group)
+                _replace(sequence, names, i, relu, layer)
+                i = relu + 1
+                continue
+        elif isinstance(layer, JointFilterDecomposition) and not isinstance(layer.coefficients, ConvReLU3d):
+            norm = sequence[end] if end < len(names) and isinstance(sequence[end], nn.BatchNorm3d) else None
+            relu = end + (norm is not None)
+            if relu < len(names) and isinstance(sequence[relu], nn.ReLU):
+                last = layer.coefficients
+                if norm is not None:
+                    last = fuse_conv_bn_eval(last, norm)
+                layer.coefficients = ConvReLU3d(last)
+                _replace(sequence, names, i, relu, layer)
+                i = relu + 1
+                continue
         elif (isinstance(layer, nn.BatchNorm3d) and layer.track_running_stats and end < len(names)
               and isinstance(sequence[end], nn.ReLU)):
             _replace(sequence, names, i, end, BatchNormReLU3d(layer))
@@ -160,12 +196,19 @@ def _fuse_sequential(sequence: nn.Sequential) -> None:
 
 def _channels(norm: nn.BatchNorm3d, first: int, count: int) -> nn.BatchNorm3d:
     """The batch norm of channels ``first .. first + count`` of ``norm``'s input."""
-    part = nn.BatchNorm3d(count, eps=norm.eps, affine=norm.affine).eval()
-    part.running_mean.copy_(norm.running_mean[first:first + count])
-    part.running_var.copy_(norm.running_var[first:first + count])
+    return _select_channels(norm, torch.arange(first, first + count))
+
+
+def _select_channels(norm: nn.BatchNorm3d, channels: torch.Tensor) -> nn.BatchNorm3d:
+    """The batch norm of the given channels of ``norm``'s input, in that order."""
+    index = channels.to(norm.running_mean.device)
+    part = nn.BatchNorm3d(len(index), eps=norm.eps, affine=norm.affine).eval()
+    part.to(device=norm.running_mean.device, dtype=norm.running_mean.dtype)
+    part.running_mean.copy_(norm.running_mean[index])
+    part.running_var.copy_(norm.running_var[index])
     if norm.affine:
-        part.weight.data.copy_(norm.weight.detach()[first:first + count])
-        part.bias.data.copy_(norm.bias.detach()[first:first + count])
+        part.weight.data.copy_(norm.weight.detach()[index])
+        part.bias.data.copy_(norm.bias.detach()[index])
     return part
 
 
