@@ -1,9 +1,28 @@
 """Where an EM run keeps things, and the settings every worker needs to rebuild a stage.
 
-One output container holds the arrays (``affinities``, ``fragments``, ``segmentation``),
+One output container holds the images (``affinities``, ``fragments``, ``segmentation``),
 the region graph (``graph.sqlite``), daisy's per-block done markers (``.tracking/``) and
-the run's settings (the ``psc`` attribute of the group), so a worker started anywhere
-needs only the container's path.
+the run's settings (the ``psc`` attribute of the root group), so a worker started
+anywhere needs only the container's path.
+
+The images are laid out as OME-Zarr 0.5 expects, so that OME-Zarr readers (ome-zarr-py,
+napari-ome-zarr, neuroglancer) find all three, not only the first::
+
+    OUT.zarr/                  root: attributes psc (RunSettings) and ome.multiscales
+    |                          (the affinities image: datasets affinities/0, affinities/1 ...)
+    |-- affinities/            the affinities image (its own ome.multiscales: 0, 1 ...)
+    |   |-- 0                  level 0, (3, z, y, x) uint8; a downsampling stage adds 1..n
+    |-- labels/                ome.labels = ["fragments", "segmentation"]
+    |   |-- fragments/         label image: ome.multiscales + ome.image-label
+    |   |   |-- 0              level 0, (z, y, x) uint64
+    |   |-- segmentation/
+    |       |-- 0
+    |-- graph.sqlite, .tracking/, .logs/, qc.png, ...
+
+The root is the affinities image because OME-Zarr nests a ``labels`` group inside the
+image it annotates and readers start from the path they are given. Runs made before this
+layout hold the three arrays flat at the root (``OUT.zarr/fragments``); psc still reads
+and resumes them (``volumes.locate`` maps a name to whichever layout a run has).
 """
 
 from __future__ import annotations
@@ -14,6 +33,13 @@ from pathlib import Path
 import zarr
 
 AFFINITIES, FRAGMENTS, SEGMENTATION = "affinities", "fragments", "segmentation"
+LABELS_GROUP = "labels"  # OME-Zarr's group of label images, inside the image they annotate
+# the image group of each of a run's images (its resolution levels are the arrays 0, 1 ...
+# in it); the root's ome.multiscales describes ROOT_IMAGE, so readers given OUT.zarr see it
+IMAGE_GROUPS = {AFFINITIES: AFFINITIES, FRAGMENTS: f"{LABELS_GROUP}/{FRAGMENTS}",
+                SEGMENTATION: f"{LABELS_GROUP}/{SEGMENTATION}"}
+LABEL_IMAGES = (FRAGMENTS, SEGMENTATION)
+ROOT_IMAGE = AFFINITIES
 GRAPH_FILE = "graph.sqlite"
 TRACKING_DIR = ".tracking"
 LOGS_DIR = ".logs"
@@ -111,6 +137,24 @@ def default_output(raw: str | Path) -> Path:
     raw = Path(raw)
     container = next((p for p in (raw, *raw.parents) if p.name.endswith(".zarr")), raw)
     return container.with_name(container.name.removesuffix(".zarr") + "_psc.zarr")
+
+
+def image_group(name: str) -> str:
+    """The group (relative to OUT.zarr) of the run's image ``name`` (AFFINITIES, ...)."""
+    try:
+        return IMAGE_GROUPS[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not one of a run's images {tuple(IMAGE_GROUPS)}") from None
+
+
+def level_path(name: str, level: int = 0) -> str:
+    """The array of resolution level ``level`` of the run's image ``name``, relative to
+    OUT.zarr (``labels/segmentation/0``). Level 0 is full resolution; the levels of an
+    image are its group's arrays ``0, 1, ...`` with no gap. Paths only: which layout a
+    given run uses is ``volumes.locate``'s business."""
+    if int(level) < 0:
+        raise ValueError(f"level {level}: levels count from 0 (full resolution)")
+    return f"{image_group(name)}/{int(level)}"
 
 
 def graph_path(out: str | Path) -> Path:

@@ -57,6 +57,22 @@ def check_input_metadata(path: str | Path, what: str = "the input") -> None:
         check_metadata_files(_containers(path), f"{what} is damaged: re-convert it (psc-convert)")
 
 
+def _zarr_folders(group: Path) -> list[Path]:
+    """The folders of the groups and arrays under ``group`` (not hidden), descending into
+    groups only: a run's images sit in groups (``labels/fragments/0``, layout.py), and an
+    array's chunk folders, which may be millions, are never walked."""
+    found = []
+    for path in sorted(p for p in group.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found.append(path)
+        try:
+            is_group = json.loads((path / "zarr.json").read_bytes()).get("node_type") == "group"
+        except (OSError, ValueError, AttributeError):  # no zarr.json, or a corrupt one (reported by the caller)
+            is_group = False
+        if is_group:
+            found += _zarr_folders(path)
+    return found
+
+
 def check_output_metadata(out: str | Path, force: bool = False) -> None:
     """The metadata of an existing output: the container, its arrays and daisy's done
     markers (``.tracking/<stage>/``), all read when a run resumes. With ``force`` only the
@@ -68,7 +84,7 @@ def check_output_metadata(out: str | Path, force: bool = False) -> None:
     check_metadata_files([out], "it cannot be read as a psc run: repair or remove it yourself, or choose another -o")
     if force:
         return
-    folders = [p for p in sorted(out.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    folders = _zarr_folders(out)
     tracking = out / ".tracking"
     if tracking.is_dir():
         for stage in sorted(p for p in tracking.iterdir() if p.is_dir()):

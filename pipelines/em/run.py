@@ -36,7 +36,7 @@ from .intensity import measure
 from .lock import LOCK_FILE, run_lock
 from .spool import SpoolWorker, finish_run, start_run
 from .stages import STAGE_NAMES, STAGES, BlockFunction, Stage, StageWorker
-from .volumes import create_volume, fingerprint, is_zarr_path, open_container, open_volume
+from .volumes import create_run_volume, fingerprint, is_zarr_path, open_container, open_volume, remove_run_volumes
 
 __all__ = ["STAGE_NAMES", "EMRunError", "StageReport", "check_inputs", "check_output", "check_output_container",
            "check_spool", "check_thresholds", "clear_run", "fit_block_size", "prepare", "run"]
@@ -115,27 +115,23 @@ def check_output_container(out: str | Path) -> bool:
 
 
 def clear_run(out: str | Path) -> None:
-    """``--force``: remove what a psc run wrote in ``out`` (the arrays its stages create,
-    ``layout.RUN_FILES``, its settings and its arrays' OME-Zarr entries), nothing else:
-    foreign arrays and files in the container stay, and so does the lock file."""
+    """``--force``: remove what a psc run wrote in ``out`` (the images its stages create,
+    in either layout, with their OME-Zarr metadata; ``layout.RUN_FILES``; its settings),
+    nothing else: foreign arrays and files in the container stay, and so does the lock file."""
     out = Path(out)
     if not _is_run(out):
         return
     # a PostgreSQL graph (or a SQLite file elsewhere) is the run's too: its schema goes first
     graph_url.clear_graph(zarr.open_group(str(out), mode="r").attrs["psc"].get("graph", ""), out)
     arrays = {array.name for stage in STAGES for array in stage.creates}
-    for name in (*sorted(arrays), *layout.RUN_FILES):
+    remove_run_volumes(out, sorted(arrays))
+    for name in layout.RUN_FILES:
         path = out / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    group = zarr.open_group(str(out), mode="a")
-    ome = dict(group.attrs.get("ome", {}))
-    if ome.get("multiscales"):
-        ome["multiscales"] = [entry for entry in ome["multiscales"] if entry.get("name") not in arrays]
-        group.attrs["ome"] = ome
-    group.attrs.pop("psc", None)
+    zarr.open_group(str(out), mode="a").attrs.pop("psc", None)
 
 
 def _normal(value):
@@ -251,7 +247,8 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
         common = dict(voxel_size=source.voxel_size, offset=source.offset, chunks=chunks)
         for stage in STAGES:
             for array in stage.creates:
-                create_volume(group, array.name, source.shape, array.dtype, channels=array.channels, **common)
+                # the OME-Zarr image layout (layout.py); a run begun in the older flat one stays flat
+                create_run_volume(group, array.name, source.shape, array.dtype, channels=array.channels, **common)
         settings.save(out)
     return settings
 

@@ -9,10 +9,13 @@ with the class axis as napari's channel axis, one image layer per class. The ful
 affine travels in ``metadata["psc"]["affine"]`` so the writer puts labels back on the
 scan's exact grid.
 
-EM: every array of a container (``RAW.zarr`` or an ``OUT.zarr`` of a run) or a single
-array (``x.zarr/NAME``) becomes a lazy dask array (nothing is read until a slice is
-shown), placed in nanometres by its ``voxel_size`` and ``offset``: raw as an image,
-affinities as three channels (z, y, x), fragments, segmentation and labels as Labels.
+EM: every array of a container (``RAW.zarr``, or the images of a run's ``OUT.zarr``,
+whichever layout it has: ``volumes.array_names``) or a single array (``x.zarr/NAME``;
+``OUT.zarr/segmentation`` names a run's image) becomes a lazy dask array (nothing is
+read until a slice is shown), placed in nanometres by its ``voxel_size`` and ``offset``:
+raw as an image, affinities as three channels (z, y, x), fragments, segmentation and
+labels as Labels. A layer records the image's name (``metadata["psc"]["array"]``), not
+where the run keeps it, and opens it through ``volumes.open_volume`` (``volumes.locate``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 from nibabel.affines import voxel_sizes
 
-from psc.pipelines.em.volumes import array_names, is_volume_path, is_zarr_path, open_node
+from psc.pipelines.em.volumes import array_names, is_volume_path, is_zarr_path, open_node, split_run_path
 from psc.pipelines.mri.config import LABELS, OTHER_LABEL_COLOUR, label_colour
 from psc.pipelines.mri.io import NIBABEL_EXTENSIONS, scan_stem
 from psc.pipelines.mri.outputs import OUTPUT_SUFFIXES, label_table_path, read_label_table, role, subject_stem
@@ -161,6 +164,9 @@ def read_zarr(path: str | os.PathLike, names: list[str] | None = None) -> list[L
     import zarr
 
     path = Path(path)
+    split = split_run_path(path)  # OUT.zarr/segmentation: the run's image by its name
+    if split is not None:
+        return [em_layer(split[0], split[1], run=split[0] if is_em_run(split[0]) else None)]
     node = open_node(path)
     if isinstance(node, zarr.Array):
         return [em_layer(path.parent, path.name)]

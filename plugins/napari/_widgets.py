@@ -218,9 +218,9 @@ class SegmentWidget(_Panel):
                 show_warning(f"psc: {image.name}: {warning}")
 
     def _add_em(self, image, out) -> None:
-        from psc.pipelines.em.layout import RunSettings
+        from psc.pipelines.em.layout import SEGMENTATION, RunSettings
 
-        data, kwargs, _ = em_layer(out, "segmentation", run=out, layer_name=f"{image.name} segmentation")
+        data, kwargs, _ = em_layer(out, SEGMENTATION, run=out, layer_name=f"{image.name} segmentation")
         warnings = RunSettings.load(out).warnings  # the raw's intensities, one segment: as psc-segment prints them
         kwargs.setdefault("metadata", {}).setdefault("psc", {})["warnings"] = list(warnings)
         self.viewer.add_labels(data, **kwargs)
