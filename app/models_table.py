@@ -1,4 +1,9 @@
-"""``psc-models``: every backbone x convolution type with its measured size and cost."""
+"""``psc-models``: every backbone x convolution type with its measured size and cost.
+
+The default rows are the paper's variants (conv3d, P1SC1, P2SC2, P2SC3) and the other
+members of the family at their default configurations (``cakes``: the three 2D kernels
+evenly; ``jfd``: 2 axial x 6 planar atoms); any registry name can be given to
+``--convs`` (``cakes-1d``, ``jfd3x9``, ...)."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from rich.table import Table
 
 from psc.app.cli import HelpFormatter, run_guarded
 from psc.models import STANDARD_CONVS, build_model, list_models, make_conv, measure, model_defaults
+from psc.models.conv_registry import FAMILY_CONVS
 from psc.utils.errors import InputError
 
 PROG = "psc-models"
@@ -55,7 +61,8 @@ def build_rows(models: list[str], convs: list[str], receptive: bool) -> list[dic
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=list_models(), help="backbones")
-    parser.add_argument("--convs", nargs="+", default=list(STANDARD_CONVS), help="conv types, first is the ratio base")
+    parser.add_argument("--convs", nargs="+", default=list(STANDARD_CONVS + FAMILY_CONVS),
+                        help="conv types (registry names), first is the ratio base")
     parser.add_argument("--no-receptive-field", action="store_true", help="skip the (slower) receptive field probe")
     return parser
 

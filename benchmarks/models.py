@@ -1,7 +1,8 @@
-"""Speed, memory and numerical agreement of PmSCn blocks and backbones against plain
-Conv3d, side by side, per memory layout and dtype.
+"""Speed, memory and numerical agreement of PmSCn, CAKES and joint-filter-decomposition
+blocks and backbones against plain Conv3d, side by side, per memory layout and dtype, at
+equal width and at equal parameter count.
 
-    python benchmarks/models.py [--quick] [--device cpu|cuda] [--threads N]
+    python benchmarks/models.py [--quick] [--device cpu|cuda] [--threads N] [--match width params]
 
 What is measured, per (model, conv, layout, dtype):
 
@@ -24,6 +25,15 @@ What is measured, per (model, conv, layout, dtype):
 * agreement: max |y - y_ref| / max |y_ref| of the eval-mode output against the same
   model's fp32 contiguous output; it tells a fast layout or dtype that changes the
   answer from one that does not.
+
+Rows ("widths" column):
+
+* ``width``: every convolution at the same channel widths (the block 32 -> 32, the
+  backbones as configured);
+* ``params``: every convolution but conv3d with its widths scaled so its parameter
+  count is closest to the conv3d row's (the block: in = out channels chosen; the
+  backbones: every channel width times one factor, found by a coarse-then-fine scan).
+  The input of a block row has that block's channel count.
 
 Every configuration starts from the same weights and batch-norm statistics (the
 state dict is reloaded, since training-mode steps move the running statistics).
@@ -51,7 +61,11 @@ from psc.pipelines.mri.config import BACKBONE_OPTIONS, INFERENCE_WINDOW, PATCH_S
 from machine import cpu_model  # noqa: E402  (benchmarks/, first on sys.path)
 from measure import peak_bytes, timed  # noqa: E402
 
-CONVS = ("conv3d", "p1sc1", "p2sc2", "p2sc3")
+CONVS = ("conv3d", "p1sc1", "p2sc2", "p2sc3", "cakes", "jfd")
+MATCHES = ("width", "params")
+BLOCK_WIDTH = 32
+# The channel widths scaled for the equal-parameter rows of each backbone.
+WIDTH_KEYS = {"densenet3d": ("init_channels", "growth_rate", "side_channels"), "unet3d": ("num_fmaps",)}
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 DTYPES = ("fp32", "bf16")
 
@@ -93,18 +107,62 @@ def run_config(model, state, x_ref, layout, dtype, device, repeats, train=True) 
     return {"forward_s": fwd, "train_s": step, "fwd_mb": fwd_mem / 2**20, "train_mb": train_mem / 2**20}, y
 
 
+def scaled(options: dict, factor: float, keys: tuple[str, ...]) -> dict:
+    """The options with every channel width in ``keys`` times ``factor`` (at least 3,
+    so that three parallel streams or kernel-shape groups still get a channel each)."""
+    return {k: max(3, round(v * factor)) if k in keys else v for k, v in options.items()}
+
+
+def closest(count, candidates, target: int):
+    """The candidate whose ``count(candidate)`` is closest to ``target`` (first on ties)."""
+    return min(candidates, key=lambda c: abs(count(c) - target))
+
+
+def equal_parameter_factor(build, options: dict, keys: tuple[str, ...], target: int) -> float:
+    """The width factor (0.20 .. 4.00) whose network has the parameter count closest to
+    ``target``: steps of 0.05, then of 0.01 around the best."""
+    def count(factor):
+        return count_parameters(build(scaled(options, factor, keys)))
+
+    coarse = closest(count, [f / 100 for f in range(20, 401, 5)], target)
+    return closest(count, [round(coarse + f / 100, 2) for f in range(-4, 5) if coarse + f / 100 > 0], target)
+
+
 def cases(args):
-    block = args.block_side
-    net = args.net_side
-    for conv in CONVS:
-        yield "block", "block 32->32", conv, \
-            (lambda c=conv: make_conv(c)(32, 32, 3, padding=1)), (1, 32, block, block, block)
-    for conv in CONVS:
-        yield "densenet3d", "densenet3d (MRI)", conv, \
-            (lambda c=conv: build_model("densenet3d", conv=c, **BACKBONE_OPTIONS)), (1, 1, net, net, net)
-    for conv in CONVS:
-        yield "unet3d", "unet3d (same)", conv, \
-            (lambda c=conv: build_model("unet3d", conv=c, padding="same")), (1, 1, net, net, net)
+    """(group, row label, conv, widths note, model factory, input shape) per row."""
+    block, net = args.block_side, args.net_side
+    backbones = {
+        "densenet3d": ("densenet3d (MRI)", dict(BACKBONE_OPTIONS)),
+        "unet3d": ("unet3d (same)", {"padding": "same", "num_fmaps": 12}),
+    }
+    for match in args.match if "block" in args.only else ():
+        for conv in CONVS:
+            if conv not in args.convs or (match == "params" and conv == "conv3d"):
+                continue
+            width = BLOCK_WIDTH
+            if match == "params":
+                target = count_parameters(make_conv("conv3d")(BLOCK_WIDTH, BLOCK_WIDTH, 3, padding=1))
+                width = closest(lambda w, c=conv: count_parameters(make_conv(c)(w, w, 3, padding=1)),
+                                range(4, 4 * BLOCK_WIDTH + 1), target)
+            yield "block", f"block {width}->{width}", conv, "width" if match == "width" else f"params ({width} ch)", \
+                (lambda c=conv, w=width: make_conv(c)(w, w, 3, padding=1)), (1, width, block, block, block)
+    for group, (label, options) in backbones.items():
+        if group not in args.only:
+            continue
+        for match in args.match:
+            for conv in CONVS:
+                if conv not in args.convs or (match == "params" and conv == "conv3d"):
+                    continue
+
+                def build(opts, c=conv, g=group):
+                    return build_model(g, conv=c, **opts)
+
+                opts, note = options, "width"
+                if match == "params":
+                    target = count_parameters(build(options, "conv3d"))
+                    factor = equal_parameter_factor(build, options, WIDTH_KEYS[group], target)
+                    opts, note = scaled(options, factor, WIDTH_KEYS[group]), f"params (x{factor:.2f} wide)"
+                yield group, label, conv, note, (lambda b=build, o=opts: b(o)), (1, 1, net, net, net)
 
 
 def main(argv=None) -> int:
@@ -117,6 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=("block", "densenet3d", "unet3d"),
                         default=["block", "densenet3d", "unet3d"], help="which groups of rows to run")
     parser.add_argument("--convs", nargs="+", default=list(CONVS), help="subset of " + ", ".join(CONVS))
+    parser.add_argument("--match", nargs="+", choices=MATCHES, default=list(MATCHES),
+                        help="rows at equal width, and at equal parameter count to conv3d's")
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--block-side", type=int, default=48, help="edge of the single block's input")
@@ -139,17 +199,18 @@ def main(argv=None) -> int:
     console.print(f"device {device} ({name}), nproc {os.cpu_count()}, torch {torch.__version__}, "
                   f"threads {torch.get_num_threads()}, repeats {repeats}, load average before: {load}")
 
-    table = Table(title="conv3d vs PmSCn: median time, peak memory above weights+input, agreement with fp32 contiguous",
-                  caption=f"inputs: block 1x32x{args.block_side}^3, backbones 1x1x{args.net_side}^3 (densenet3d: "
+    table = Table(title="conv3d vs PmSCn, CAKES, JFD: median time, peak memory above weights+input, agreement with fp32 contiguous",
+                  caption=f"inputs: block 1xCx{args.block_side}^3 (C: its width), backbones 1x1x{args.net_side}^3 (densenet3d: "
                           "BACKBONE_OPTIONS of pipelines/mri/config.py; unet3d: default options, padding same).\n"
-                          "'x' columns: ratio to the conv3d row of the same model, layout and dtype.")
-    for column in ("model", "conv", "layout", "dtype", "params", "kMAC/vox", "fwd ms", "fwd+bwd ms", "fwd MB",
+                          "'x' columns: ratio to the conv3d row of the same model, layout and dtype; 'params' rows "
+                          "are scaled to conv3d's parameter count.")
+    for column in ("model", "conv", "widths", "layout", "dtype", "params", "kMAC/vox", "fwd ms", "fwd+bwd ms", "fwd MB",
                    "train MB", "max rel diff", "fwd x", "fwd+bwd x", "train MB x"):
         table.add_column(column, no_wrap=True,
-                         justify="left" if column in ("model", "conv", "layout", "dtype") else "right")
+                         justify="left" if column in ("model", "conv", "widths", "layout", "dtype") else "right")
     base: dict[tuple, dict] = {}
     start = time.perf_counter()
-    for group, what, conv, make, shape in cases(args):
+    for group, what, conv, widths, make, shape in cases(args):
         if group not in args.only or conv not in args.convs:
             continue
         torch.manual_seed(0)
@@ -179,7 +240,7 @@ def main(argv=None) -> int:
                 def number(v, scale=1.0, digits=1):
                     return "-" if v != v else f"{scale * v:,.{digits}f}"
 
-                table.add_row(what, conv, layout, dtype, f"{params:,}", f"{kmacs:.1f}", number(r["forward_s"], 1000),
+                table.add_row(what, conv, widths, layout, dtype, f"{params:,}", f"{kmacs:.1f}", number(r["forward_s"], 1000),
                               number(r["train_s"], 1000), number(r["fwd_mb"], digits=0),
                               number(r["train_mb"], digits=0), f"{diff:.1e}", ratio("forward_s"),
                               ratio("train_s"), ratio("train_mb"))

@@ -43,8 +43,8 @@ def full_precision(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     concatenates that fp32 output, in fp32): the P2SC2 MRI DenseNet's first dense block
     ran that way, 1.4x slower in bf16, until this put its output back in channels_last."""
     device = x.device.type
-    with torch.autocast(device, enabled=False):
-        out = layer(x.float())
+    with torch.autocast(device, enabled=False):  # float64 (the receptive-field probe) is kept, not cut to fp32
+        out = layer(x if x.dtype == torch.float64 else x.float())
     if not keep_dtype:
         return out
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

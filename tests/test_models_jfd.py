@@ -354,3 +354,20 @@ def test_torch_export_matches_eager(key, conv):
     with torch.no_grad():
         for inp in (x, torch.randn_like(x)):
             torch.testing.assert_close(exported.module()(inp), model(inp))
+
+
+# --- psc-models: the receptive field of a whole backbone --------------------------------
+
+
+def test_densenet_receptive_field_is_measured_for_every_kind():
+    """psc-models' narrow DenseNet twin: CAKES and JFD layers are 3x3x3 boxes like the
+    Conv3d's, so the network's field is the conv3d one; P2SC2 (two 2D convolutions per
+    layer) reaches twice as far. The probe runs in float64 all through (DenseNet's first
+    convolution and head no longer cut it to float32, where the gradient at the edge of
+    P2SC2's field underflowed and the field came out as 277 x 287 x 293)."""
+    from psc.app.models_table import NARROW
+    from psc.models import receptive_field
+
+    fields = {conv: receptive_field(build_model("densenet3d", conv=conv, **NARROW["densenet3d"]), 1)
+              for conv in ("conv3d", "cakes", "jfd", "p2sc2")}
+    assert fields == {"conv3d": (147,) * 3, "cakes": (147,) * 3, "jfd": (147,) * 3, "p2sc2": (295,) * 3}
