@@ -1,4 +1,4 @@
-"""Joint spatio-temporal filter decomposition (Miao, Wang, Cheng, Qiu & Ding, NeurIPS 2021,
+"""Joint spatio-temporal filter decomposition (Z. Miao et al., NeurIPS 2021,
 "Spatiotemporal Joint Filter Decomposition in 3D Convolutional Neural Networks").
 
 Every 3D filter of a layer is written over two small sets of *atoms* shared by the whole
