@@ -15,6 +15,7 @@ from psc.models.cakes import (
     Cakes,
     CakesSearch,
     arch_parameters,
+    config_parameters,
     freeze_search,
     resolve_config,
     search_cost,
@@ -168,7 +169,8 @@ def test_bad_layers_are_refused():
                                              (3, 6, {"3x3x3": 1, "3x3x1": 2, "1x3x1": 3})])
 def test_parameter_count_follows_the_documented_rule(cin, cout, config, bias):
     layer = Cakes(cin, cout, config=config, bias=bias)
-    assert sum(p.numel() for p in layer.parameters()) == documented_parameters(cin, layer.config, bias)
+    count = sum(p.numel() for p in layer.parameters())
+    assert count == documented_parameters(cin, layer.config, bias) == config_parameters(cin, layer.config, bias)
     assert sum(layer.config.values()) == cout
 
 
@@ -465,7 +467,7 @@ def test_freeze_search_in_a_network_and_rebuild_it_from_a_plain_one():
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         expected = model(x)
-    cost = float(search_cost(model))
+    cost = float(search_cost(model).detach())
     configs = freeze_search(model)
     assert len(configs) == 14 and not any(isinstance(m, CakesSearch) for m in model.modules())
     assert all(sum(c.values()) == model.get_submodule(n).out_channels for n, c in configs.items())
