@@ -87,6 +87,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv_args import resolve_padding, triple
+
 # Which axes a shape keeps at full size, in the canonical order (3D, 2D, 1D).
 MASKS: tuple[tuple[int, int, int], ...] = (
     (1, 1, 1),
@@ -102,32 +104,9 @@ PRESETS: dict[str, tuple[tuple[int, int, int], ...]] = {
 DEFAULT_PRESET = "2d"
 
 
-def _triple(value: int | Sequence[int], what: str) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        return (value, value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 3:
-        raise ValueError(f"{what}: expected an int or three ints, got {value}")
-    return value  # type: ignore[return-value]
-
-
-def resolve_padding(padding, kernel: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Conv3d's padding (int, three ints, "same", "valid", None = same) as three ints."""
-    if padding is None or padding == "same":
-        return tuple(k // 2 for k in kernel)  # type: ignore[return-value]
-    if padding == "valid":
-        return (0, 0, 0)
-    if isinstance(padding, str):
-        raise ValueError(f"padding must be an int, three ints, 'same' or 'valid', got {padding!r}")
-    pad = _triple(padding, "padding")
-    if any(p < 0 for p in pad):
-        raise ValueError(f"padding must be non-negative, got {pad}")
-    return pad
-
-
 def _check_kernel(kernel) -> tuple[int, int, int]:
     """Odd and at least 3 on every axis: a size-1 axis would make two shapes one."""
-    kernel = _triple(kernel, "kernel_size")
+    kernel = triple(kernel, "kernel_size")
     if any(k < 3 or k % 2 == 0 for k in kernel):
         raise ValueError(f"kernel_size must be odd and at least 3 on every axis, got {kernel}")
     return kernel
@@ -257,7 +236,7 @@ class Cakes(nn.Module):
             raise ValueError(f"out_channels must be positive, got {out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _check_kernel(kernel_size)
-        self.stride = _triple(stride, "stride")
+        self.stride = triple(stride, "stride")
         self.padding = resolve_padding(padding, self.kernel_size)
         self.shapes_and_counts = resolve_config(config, out_channels, self.kernel_size)
         self.groups = nn.ModuleList()
@@ -375,7 +354,7 @@ class CakesSearch(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _check_kernel(kernel_size)
-        self.stride = _triple(stride, "stride")
+        self.stride = triple(stride, "stride")
         self.padding = resolve_padding(padding, self.kernel_size)
         self.shapes: list[tuple[int, int, int]] = [shape_of(m, self.kernel_size)
                                                    for m in candidate_masks(candidates, self.kernel_size)]

@@ -66,35 +66,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv_args import resolve_padding, triple
+
 DEFAULT_AXIAL_ATOMS = 2
 DEFAULT_PLANAR_ATOMS = 6
 
 
-def _triple(value: int | Sequence[int], what: str) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        return (value, value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 3:
-        raise ValueError(f"{what}: expected an int or three ints, got {value}")
-    return value  # type: ignore[return-value]
-
-
-def _padding(padding, kernel: tuple[int, int, int]) -> tuple[int, int, int]:
-    if padding is None or padding == "same":
-        return tuple(k // 2 for k in kernel)  # type: ignore[return-value]
-    if padding == "valid":
-        return (0, 0, 0)
-    if isinstance(padding, str):
-        raise ValueError(f"padding must be an int, three ints, 'same' or 'valid', got {padding!r}")
-    pad = _triple(padding, "padding")
-    if any(p < 0 for p in pad):
-        raise ValueError(f"padding must be non-negative, got {pad}")
-    return pad
-
-
 def conv_padding(conv: nn.Conv3d) -> tuple[int, int, int]:
     """A Conv3d's padding as three ints ("same" and "valid" resolved)."""
-    return _padding(conv.padding if isinstance(conv.padding, str) else tuple(conv.padding), tuple(conv.kernel_size))
+    return resolve_padding(conv.padding if isinstance(conv.padding, str) else tuple(conv.padding), tuple(conv.kernel_size))
 
 
 def _orthonormal_rows(count: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -146,11 +126,11 @@ class JointFilterDecomposition(nn.Module):
         if axial_dilation < 1:
             raise ValueError(f"axial_dilation must be positive, got {axial_dilation}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _triple(kernel_size, "kernel_size")
+        self.kernel_size = triple(kernel_size, "kernel_size")
         if any(k < 1 or k % 2 == 0 for k in self.kernel_size):
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
-        self.stride = _triple(stride, "stride")
-        self.padding = _padding(padding, self.kernel_size)
+        self.stride = triple(stride, "stride")
+        self.padding = resolve_padding(padding, self.kernel_size)
         self.axis = axis
         self.plane_axes = tuple(a for a in range(3) if a != axis)
         self.axial_dilation = int(axial_dilation)
