@@ -20,6 +20,7 @@ import zarr
 
 from psc.app.segment import main as segment_main
 from psc.pipelines.em import layout
+from psc.pipelines.em.volumes import open_volume
 
 from em_fixtures import synthetic_raw, tiny_weights
 
@@ -49,9 +50,8 @@ def _snapshot(folder: Path) -> dict:
 
 
 def _same_arrays(a: Path, b: Path) -> None:
-    first, second = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
     for name in ARRAYS:
-        np.testing.assert_array_equal(first[name][:], second[name][:], err_msg=name)
+        np.testing.assert_array_equal(open_volume(a, name).array[:], open_volume(b, name).array[:], err_msg=name)
 
 
 # --- 1. workers whose scheduler is gone exit ----------------------------------------------
@@ -92,7 +92,7 @@ def test_workers_exit_when_the_scheduler_is_killed(tmp_path, how):
     scheduler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)  # its own process group: its workers inherit it
     try:
-        written = out / "affinities" / "c"
+        written = out / layout.level_path(layout.AFFINITIES) / "c"
         deadline = time.time() + 300
         while time.time() < deadline and scheduler.poll() is None:
             if written.exists() and any(p.is_file() for p in written.rglob("*")):
@@ -194,7 +194,7 @@ def test_corrupt_zarr_metadata_is_one_line(case, capsys, where):
         assert segment_main(_segment(raw / "raw", out, weights)) == 0
         capsys.readouterr()
     damaged = {"raw-array": raw / "raw", "raw-container": raw, "output-container": out,
-               "output-array": out / "fragments"}[where] / "zarr.json"
+               "output-array": out / layout.level_path(layout.FRAGMENTS)}[where] / "zarr.json"
     damaged.write_text('{"zarr_format": 3, "node_')
     before = _snapshot(out) if out.exists() else None
     assert segment_main(_segment(raw / "raw", out, weights)) == 2
@@ -210,7 +210,7 @@ def test_force_takes_an_output_with_a_corrupt_array(case, capsys):
     assert segment_main(_segment(raw / "raw", out, weights)) == 0
     reference = folder / "reference.zarr"
     shutil.copytree(out, reference)
-    (out / "fragments" / "zarr.json").write_text("{")
+    (out / layout.level_path(layout.FRAGMENTS) / "zarr.json").write_text("{")
     assert segment_main(_segment(raw / "raw", out, weights, "--force")) == 0
     _same_arrays(reference, out)
 

@@ -100,9 +100,9 @@ def test_merge_scores_reproduce_waterz_segmentations():
 def test_serial_run_writes_consistent_arrays_and_graph(serial_run):
     out, report = serial_run
     assert [s.failed for s in report["stages"]] == [0, 0, 0, 0]
-    group = zarr.open_group(str(out), mode="r")
-    fragments, segmentation = group["fragments"][:], group["segmentation"][:]
-    assert group["affinities"].dtype == np.uint8 and group["affinities"].shape == (3, 40, 56, 48)
+    fragments, segmentation = (open_volume(out, name).array[:] for name in (layout.FRAGMENTS, layout.SEGMENTATION))
+    affinities = open_volume(out, layout.AFFINITIES).array
+    assert affinities.dtype == np.uint8 and affinities.shape == (3, 40, 56, 48)
     assert fragments.dtype == np.uint64 and 0 not in fragments
     graph = GraphStore(out / layout.GRAPH_FILE)
     ids, segments = graph.lookup(0.5)
@@ -126,21 +126,21 @@ def test_serial_run_writes_consistent_arrays_and_graph(serial_run):
 
 def test_ome_zarr_metadata_of_outputs(serial_run):
     out, _ = serial_run
-    group = zarr.open_group(str(out), mode="r")
-    entries = {e["name"]: e for e in group.attrs["ome"]["multiscales"]}
-    assert set(entries) >= {"affinities", "fragments", "segmentation"}
+    group = zarr.open_group(str(out), mode="r")  # each image's group (tests/test_em_ome_zarr.py: the layout)
+    entries = {name: group[layout.image_group(name)].attrs["ome"]["multiscales"][0]
+               for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION)}
     scale = entries["segmentation"]["datasets"][0]["coordinateTransformations"][0]["scale"]
     translation = entries["affinities"]["datasets"][0]["coordinateTransformations"][1]["translation"]
     assert scale == [8.0, 8.0, 8.0] and translation == [0.0, 80.0, 0.0, 16.0]
     assert [a["name"] for a in entries["affinities"]["axes"]] == ["c", "z", "y", "x"]
-    assert group["segmentation"].metadata.dimension_names == ("z", "y", "x")
+    assert group[layout.level_path(layout.SEGMENTATION)].metadata.dimension_names == ("z", "y", "x")
 
 
 def test_evaluate_run_matches_in_memory_scores(serial_run, inputs):
     out, _ = serial_run
     raw_path, labels = inputs[1], inputs[3]
     results = evaluate_run(str(out), str(raw_path / "labels"), progress=False)
-    fragments = zarr.open_group(str(out), mode="r")["fragments"][:]
+    fragments = open_volume(out, layout.FRAGMENTS).array[:]
     graph = GraphStore(out / layout.GRAPH_FILE)
     for threshold in (0.3, 0.5, 0.8):
         ids, segments = graph.lookup(threshold)
@@ -155,9 +155,8 @@ def test_two_worker_processes_give_the_serial_result(serial_run, inputs):
     out = folder / "two.zarr"
     prepare(str(raw / "raw"), out, weights, block_size=(16, 24, 20), workers=2)
     run(out, workers=2, progress=False)
-    a, b = zarr.open_group(str(serial_run[0]), mode="r"), zarr.open_group(str(out), mode="r")
-    for name in ("affinities", "fragments", "segmentation"):
-        np.testing.assert_array_equal(a[name][:], b[name][:])
+    for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION):
+        np.testing.assert_array_equal(open_volume(serial_run[0], name).array[:], open_volume(out, name).array[:])
 
 
 def test_remote_workers_connect_by_address(serial_run, inputs):
@@ -167,8 +166,8 @@ def test_remote_workers_connect_by_address(serial_run, inputs):
     command = f"{sys.executable} -m psc.app.worker {{out}}"
     prepare(str(raw / "raw"), out, weights, block_size=(16, 24, 20), workers=2)
     run(out, workers=2, worker_command=command, host="127.0.0.1", progress=False)
-    expected = zarr.open_group(str(serial_run[0]), mode="r")["segmentation"][:]
-    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["segmentation"][:], expected)
+    expected = open_volume(serial_run[0], layout.SEGMENTATION).array[:]
+    np.testing.assert_array_equal(open_volume(out, layout.SEGMENTATION).array[:], expected)
 
 
 def _segment_command(raw: Path, out: Path, weights: Path, *extra: str) -> list[str]:
@@ -181,7 +180,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(serial_run, inputs):
     out = folder / "killed.zarr"
     process = subprocess.Popen(_segment_command(raw / "raw", out, weights, "--workers", "0"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    written = out / "fragments" / "c"
+    written = out / layout.level_path(layout.FRAGMENTS) / "c"
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
         if written.exists() and any(p.is_file() for p in written.rglob("*")):
@@ -195,10 +194,8 @@ def test_resume_after_kill_gives_the_uninterrupted_result(serial_run, inputs):
                               capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
     assert "resuming" in finished.stdout
-    expected = zarr.open_group(str(serial_run[0]), mode="r")
-    result = zarr.open_group(str(out), mode="r")
-    for name in ("affinities", "fragments", "segmentation"):
-        np.testing.assert_array_equal(result[name][:], expected[name][:])
+    for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION):
+        np.testing.assert_array_equal(open_volume(out, name).array[:], open_volume(serial_run[0], name).array[:])
 
 
 def test_failing_blocks_are_retried_then_reported(inputs, tmp_path):

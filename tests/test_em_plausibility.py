@@ -73,9 +73,9 @@ def test_the_same_image_in_a_wider_dtype_gives_the_same_affinities(case, dtype):
     _run(raw / "raw", folder / "u8.zarr", weights)
     wide = _write(folder, f"{dtype}.zarr", image, dtype)
     _run(wide, folder / "wide.zarr", weights)
-    expected, got = zarr.open_group(str(folder / "u8.zarr"), mode="r"), zarr.open_group(str(folder / "wide.zarr"), mode="r")
     for name in ("affinities", "fragments", "segmentation"):
-        np.testing.assert_array_equal(got[name][:], expected[name][:])
+        np.testing.assert_array_equal(open_volume(folder / "wide.zarr", name).array[:],
+                                      open_volume(folder / "u8.zarr", name).array[:])
     assert layout.RunSettings.load(folder / "wide.zarr").raw_intensity["scale"] == 255.0
 
 
@@ -83,8 +83,8 @@ def test_twelve_bit_data_reach_the_network_as_eight_bit_data_do(case):
     folder, raw, image, weights = case
     _run(raw / "raw", folder / "u8.zarr", weights)
     _run(_write(folder, "u12.zarr", image.astype(np.uint16) * 16, "uint16"), folder / "u12run.zarr", weights)
-    a = zarr.open_group(str(folder / "u8.zarr"), mode="r")["affinities"][:].astype(int)
-    b = zarr.open_group(str(folder / "u12run.zarr"), mode="r")["affinities"][:].astype(int)
+    a = open_volume(folder / "u8.zarr", "affinities").array[:].astype(int)
+    b = open_volume(folder / "u12run.zarr", "affinities").array[:].astype(int)
     # 16 x / 4095 against x / 255: inputs 0.4 % apart, affinities a few uint8 steps at most
     assert np.abs(a - b).max() <= 4, np.abs(a - b).max()
     settings = layout.RunSettings.load(folder / "u12run.zarr")
@@ -148,7 +148,7 @@ def test_a_block_larger_than_the_volume_is_shrunk_to_it(case):
     folder, raw, image, weights = case
     settings = prepare(str(raw / "raw"), folder / "out.zarr", weights, block_size=(4096, 4096, 16))
     assert settings.block_size == (24, 24, 16)
-    assert zarr.open_group(str(folder / "out.zarr"), mode="r")["affinities"].chunks[-3:] == (24, 24, 16)
+    assert open_volume(folder / "out.zarr", "affinities").array.chunks[-3:] == (24, 24, 16)
 
 
 # --- probably wrong: a warning, recorded -----------------------------------------------------
@@ -172,6 +172,6 @@ def test_one_segment_for_the_whole_volume_warns(case, capsys):
     out = folder / "out.zarr"
     assert segment_main(_command(raw / "raw", out, weights, "--threshold", "1", "--thresholds", "1")) == 0
     err = capsys.readouterr().err
-    assert zarr.open_group(str(out), mode="r")["segmentation"][:].max() == 1  # all merged
+    assert open_volume(out, "segmentation").array[:].max() == 1  # all merged
     recorded = layout.RunSettings.load(out).warnings
     assert any("1 segment(s)" in w for w in recorded) and "1 segment(s)" in err

@@ -20,6 +20,7 @@ import zarr
 from psc.app.segment import main as segment_main
 from psc.pipelines.em import layout
 from psc.pipelines.em.run import EMRunError, prepare, run
+from psc.pipelines.em.volumes import open_volume
 from psc.utils.errors import InputError
 
 from em_fixtures import synthetic_raw, tiny_weights
@@ -77,7 +78,7 @@ def test_force_removes_only_what_the_run_wrote(case, capsys):
     capsys.readouterr()
     group = zarr.open_group(str(out), mode="r")
     assert (group["mine"][:] == 7).all() and (out / "notes.txt").read_text() == "mine"
-    assert group["segmentation"][:].max() > 0 and "psc" in group.attrs
+    assert open_volume(out, layout.SEGMENTATION).array[:].max() > 0 and "psc" in group.attrs
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -160,7 +161,7 @@ def _expected_segmentation(out, threshold: float) -> np.ndarray:
         ids, segments = store.lookup(threshold)
     finally:
         store.close()
-    return apply_lookup(zarr.open_group(str(out), mode="r")["fragments"][:], ids, segments)
+    return apply_lookup(open_volume(out, layout.FRAGMENTS).array[:], ids, segments)
 
 
 @pytest.mark.parametrize("order", ["finished-then-interrupted", "interrupted-first"])
@@ -182,7 +183,7 @@ def test_an_interrupted_relabel_and_another_threshold_never_mix(case, monkeypatc
         "the thresholds give the same segmentation: the test proves nothing"
     prepare(str(raw / "raw"), out, weights, block_size=block, thresholds=LOW_HIGH, threshold=final)
     run(out, workers=0, progress=False, stages=("relabel",))
-    np.testing.assert_array_equal(zarr.open_group(out, mode="r")["segmentation"][:],
+    np.testing.assert_array_equal(open_volume(out, layout.SEGMENTATION).array[:],
                                   _expected_segmentation(out, final))
 
 

@@ -267,10 +267,9 @@ def test_psc_view_dry_run_lists_inputs_with_their_outputs(mri_outputs, em_run, c
 def test_threshold_lookup_reproduces_the_relabelled_segmentation(em_run):
     """What the Threshold widget relies on: fragments mapped at the run's threshold equal
     the segmentation the relabel stage wrote."""
-    import zarr
+    from psc.pipelines.em.volumes import open_volume
 
-    container = zarr.open_group(str(em_run.out), mode="r")
     graph = GraphStore(em_run.out / "graph.sqlite")
-    mapped = apply_lookup(container["fragments"][:], *graph.lookup(0.5))
+    mapped = apply_lookup(open_volume(em_run.out, "fragments").array[:], *graph.lookup(0.5))
     graph.close()
-    np.testing.assert_array_equal(mapped, container["segmentation"][:])
+    np.testing.assert_array_equal(mapped, open_volume(em_run.out, "segmentation").array[:])

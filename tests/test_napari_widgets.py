@@ -266,8 +266,7 @@ def test_score_em_lists_the_worst_errors_and_a_click_centres_on_one(make_napari_
 # --- Threshold ------------------------------------------------------------------------
 
 def test_threshold_slider_swaps_the_lookup_table(make_napari_viewer, qtbot, em_run, tmp_path):
-    import zarr
-
+    from psc.pipelines.em.volumes import open_volume
     from psc.plugins.napari.viewer import open_viewer
     from psc.pipelines.em.graph import GraphStore, apply_lookup
     from psc.plugins.napari._widgets import ThresholdWidget
@@ -278,7 +277,7 @@ def test_threshold_slider_swaps_the_lookup_table(make_napari_viewer, qtbot, em_r
     widget = next(w for w in viewer.window.dock_widgets.values() if isinstance(w, ThresholdWidget))
     assert widget.thresholds == [0.1, 0.5] and widget.slider.value == 1  # the run's threshold
 
-    fragments = zarr.open_group(str(em_run.out), mode="r")["fragments"][:]
+    fragments = open_volume(em_run.out, "fragments").array[:]
     graph = GraphStore(em_run.out / "graph.sqlite")
     expected = {t: apply_lookup(fragments, *graph.lookup(t)) for t in (0.1, 0.5)}
     graph.close()

@@ -140,11 +140,12 @@ def default_output(raw: str | Path) -> Path:
 
 
 def image_group(name: str) -> str:
-    """The group (relative to OUT.zarr) of the run's image ``name`` (AFFINITIES, ...)."""
-    try:
-        return IMAGE_GROUPS[name]
-    except KeyError:
-        raise KeyError(f"{name!r} is not one of a run's images {tuple(IMAGE_GROUPS)}") from None
+    """The group (relative to OUT.zarr) of the run's image ``name``: ``IMAGE_GROUPS``'s,
+    and for an array a newly declared stage creates (``stages.Array``), a group of that
+    name at the root (an image, not a label image, until it is added to the table)."""
+    if not name or "/" in name or name in (LABELS_GROUP, ".", ".."):
+        raise ValueError(f"{name!r} cannot name a run's image")
+    return IMAGE_GROUPS.get(name, name)
 
 
 def level_path(name: str, level: int = 0) -> str:

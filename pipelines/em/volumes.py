@@ -146,12 +146,13 @@ def locate(group: zarr.Group, name: str, level: int = 0) -> str:
     the one mapping from a name to an array that every psc reader of a run goes through
     (``open_volume``, so the stages, psc-eval, psc-view and the napari plugin).
 
-    A run's image (``layout.AFFINITIES``, ``FRAGMENTS``, ``SEGMENTATION``) is its level
-    array in the OME-Zarr layout (``labels/fragments/0``), or, in a run made before that
-    layout, the array of that name at the root (level 0 only). Any other name is an
+    A run's image (``layout.AFFINITIES``, ``FRAGMENTS``, ``SEGMENTATION``, or what a
+    newly declared stage creates) is its level array in the OME-Zarr layout
+    (``layout.level_path``: ``labels/fragments/0``), or, in a run made before that
+    layout, the array of that name at the root (level 0 only). Otherwise a name is an
     array in ``group`` (``raw`` of an input container; a path such as
     ``labels/fragments/0`` also works). Raises ``InputError`` naming what is there."""
-    if name in layout.IMAGE_GROUPS:
+    if name and "/" not in name and name != layout.LABELS_GROUP:
         key = layout.level_path(name, level)
         if _array_at(group, key) is not None:
             return key
@@ -163,10 +164,13 @@ def locate(group: zarr.Group, name: str, level: int = 0) -> str:
 
 def array_names(group: zarr.Group) -> list[str]:
     """The volumes (3-D, or 4-D with channels first) of ``group``, sorted: the arrays
-    directly in it, and a run's images (by name: ``fragments``, not
-    ``labels/fragments/0``) that it holds in the OME-Zarr layout."""
+    directly in it, and the images (by name: ``fragments``, not ``labels/fragments/0``)
+    that it holds in the OME-Zarr layout: a run's, and any group with a level ``0``."""
     names = set(_flat_arrays(group))
-    names.update(name for name in layout.IMAGE_GROUPS if _array_at(group, layout.level_path(name)) is not None)
+    with warnings.catch_warnings():  # graph.sqlite and .tracking/ sit beside the groups
+        warnings.simplefilter("ignore")
+        candidates = set(layout.IMAGE_GROUPS) | {key for key, _ in group.groups() if key != layout.LABELS_GROUP}
+    names.update(name for name in candidates if _array_at(group, layout.level_path(name)) is not None)
     return sorted(names)
 
 
@@ -185,7 +189,7 @@ def split_run_path(path: str | Path) -> tuple[Path, str] | None:
     exists but OUT.zarr holds that image in the OME-Zarr layout: the path by which a run's
     arrays were named before that layout (psc-eval, psc-view and napari take it)."""
     path = Path(path)
-    if path.exists() or path.name not in layout.IMAGE_GROUPS or not is_zarr_path(path.parent):
+    if path.exists() or path.name in ("", layout.LABELS_GROUP) or not is_zarr_path(path.parent):
         return None
     try:
         node = open_node(path.parent)
