@@ -10,8 +10,9 @@ an image (fractional voxels, far more distinct values than classes) is refused. 
 ``nan``, ``null`` in ``--json``) and is left out of the mean.
 
 EM: PRED is an EM run (``OUT.zarr``: every stored threshold is scored) or a segmentation
-array (``x.zarr/NAME``), GT a labels array; prints VI split/merge and adapted Rand
-(ground-truth label 0 ignored), computed block by block.
+array (``x.zarr/NAME``; ``OUT.zarr/segmentation`` is a run's, in either of its layouts),
+GT a labels array; prints VI split/merge and adapted Rand (ground-truth label 0
+ignored), computed block by block.
 """
 
 from __future__ import annotations

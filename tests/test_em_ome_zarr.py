@@ -151,6 +151,8 @@ def test_psc_reads_a_run_image_by_its_old_path(em):
     assert kind == "labels" and meta["metadata"]["psc"]["array"] == layout.SEGMENTATION
     names = [meta["name"] for _, meta, _ in read_zarr(out)]
     assert names == [["affinities z", "affinities y", "affinities x"], "fragments", "segmentation"]
+    ((_, meta, kind),) = read_zarr(out / layout.level_path(layout.FRAGMENTS))  # the level array itself
+    assert kind == "labels" and meta["name"] == "fragments"
 
 
 # --- runs in the flat layout of older psc ------------------------------------------------

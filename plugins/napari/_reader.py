@@ -169,10 +169,25 @@ def read_zarr(path: str | os.PathLike, names: list[str] | None = None) -> list[L
         return [em_layer(split[0], split[1], run=split[0] if is_em_run(split[0]) else None)]
     node = open_node(path)
     if isinstance(node, zarr.Array):
-        return [em_layer(path.parent, path.name)]
+        return [em_layer(path.parent, path.name, layer_name=_level_title(path))]
     run = "psc" in node.attrs
     layers = [em_layer(path, name, run=path if run else None) for name in _order(names or array_names(node))]
     return layers
+
+
+def _level_title(path: Path) -> str | None:
+    """``labels/segmentation/0`` of an OME-Zarr image is titled by its image's name
+    (``segmentation``; ``segmentation level 1`` for a lower resolution), not ``0``."""
+    if not path.name.isdigit():
+        return None
+    try:
+        entries = open_node(path.parent).attrs.get("ome", {}).get("multiscales", [])
+        name = entries[0].get("name") if entries else None
+    except Exception:  # no group above, or not one psc can read: the array's own name
+        return None
+    if not name:
+        return None
+    return name if path.name == "0" else f"{name} level {path.name}"
 
 
 def em_layer(container: str | os.PathLike, name: str, run: str | os.PathLike | None = None,

@@ -10,7 +10,8 @@ opens (the command only parses its arguments and calls :func:`open_viewer`).
   is docked;
 - a raw container ``RAW.zarr``: its arrays, and the run ``RAW_psc.zarr`` beside it if
   psc-segment made one (its default output name);
-- ``x.zarr/NAME``: that one array.
+- ``x.zarr/NAME``: that one array (``OUT.zarr/segmentation``: that image of a run,
+  wherever the run keeps it).
 
 EM arrays open lazily: a volume larger than memory opens at once and scrolls.
 :func:`collect` and :func:`describe` need no napari (``psc-view --dry-run``).
