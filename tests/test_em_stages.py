@@ -203,3 +203,56 @@ def test_fragment_ids_carry_their_block():
     assert fragment_block(int(ids[0])) == 5 and fragment_block(ids[1]) == 5
     np.testing.assert_array_equal(fragment_block(labelled), np.full(labelled.shape, 5, np.uint64))
     assert fragment_block((7 << ID_BITS) | 12) == 7
+
+
+def _spy_read_rois(monkeypatch, stage_class, seen: list):
+    """Record the (read ROI, write ROI) of every block ``stage_class`` processes (serial run)."""
+    original = stage_class.open_worker
+
+    @contextmanager
+    def spying(self, worker):
+        with original(self, worker) as process:
+            def recorded(read_roi, write_roi):
+                seen.append((read_roi, write_roi))
+                process(read_roi, write_roi)
+
+            yield recorded
+
+    monkeypatch.setattr(stage_class, "open_worker", spying)
+
+
+def test_edges_read_their_own_wider_context(raw, tmp_path, monkeypatch):
+    """The edges stage's merge scores depend on whole regions, so it reads
+    ``edge_context`` around its block, more than the fragments stage's ``context``."""
+    out = tmp_path / "out.zarr"
+    settings = prepare(str(raw), out, tiny_weights(tmp_path), block_size=BLOCK)
+    assert settings.edge_context == (24, 24, 24) and settings.context == (8, 8, 8)
+    edges, fragments = [], []
+    _spy_read_rois(monkeypatch, em_stages.Edges, edges)
+    _spy_read_rois(monkeypatch, em_stages.Fragments, fragments)
+    run(out, workers=0, progress=False)
+    from psc.pipelines.em.volumes import open_volume
+
+    shape = open_volume(out, layout.FRAGMENTS).shape
+    blocks = int(np.prod([-(-s // b) for s, b in zip(shape, BLOCK)]))
+    from funlib.geometry import Coordinate, Roi
+
+    volume = Roi((0, 0, 0), shape)
+    for seen, context in ((edges, settings.edge_context), (fragments, settings.context)):
+        assert len(seen) == blocks
+        for read_roi, write_roi in seen:  # the block grown by the context, inside the volume
+            assert read_roi == write_roi.grow(Coordinate(context), Coordinate(context)).intersect(volume)
+    assert sum(r.size for r, _ in edges) > sum(r.size for r, _ in fragments)
+
+
+def test_a_run_from_before_edge_context_keeps_its_context(raw, tmp_path):
+    out = tmp_path / "out.zarr"
+    weights = tiny_weights(tmp_path)
+    prepare(str(raw), out, weights, block_size=BLOCK)
+    group = zarr.open_group(str(out), mode="a")
+    recorded = dict(group.attrs["psc"])
+    del recorded["edge_context"]  # as an older psc wrote it
+    group.attrs["psc"] = recorded
+    assert layout.RunSettings.load(out).edge_context == (8, 8, 8)
+    resumed = prepare(str(raw), out, weights, block_size=BLOCK)  # a resume: no refusal, the old context
+    assert resumed.edge_context == (8, 8, 8) and layout.RunSettings.load(out).edge_context == (8, 8, 8)

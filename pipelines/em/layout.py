@@ -59,6 +59,10 @@ class RunSettings:
     weights: str
     block_size: tuple[int, int, int] = (128, 128, 128)  # benchmarks/em.py --blocks, docs/benchmarks.md
     context: tuple[int, int, int] = (8, 8, 8)
+    # the edges stage's context: waterz's merge scores near a block border come from
+    # regions the context cuts off; with 8 voxels, 48^3 blocks over-merged at t = 0.7
+    # (VI 0.96 against 0.74 in one block), with 24 they do not (0.75). docs/results-em.md
+    edge_context: tuple[int, int, int] = (24, 24, 24)
     fragment_threshold: float = 0.5
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     threshold: float = 0.5
@@ -77,7 +81,8 @@ class RunSettings:
         data = dict(zarr.open_group(str(out), mode="r").attrs["psc"])
         if "amp" in data:  # runs prepared before --precision replaced --amp
             data["precision"] = "auto" if data.pop("amp") else "fp32"
-        for key in ("block_size", "context", "thresholds"):
+        data.setdefault("edge_context", data.get("context", cls.context))  # runs from before it: their context
+        for key in ("block_size", "context", "edge_context", "thresholds"):
             data[key] = tuple(data[key])
         return cls(**data)
 
@@ -109,7 +114,8 @@ SETTING_RULES: dict[str, Rule] = {
     "precision": Rule(fixed=True, why="predict's arithmetic: fp32, bf16 and fp16 affinities differ"),
     "device": Rule(fixed=True, why="predict's arithmetic (and what precision auto resolves to)"),
     "block_size": Rule(fixed=True, why="the block grid, the chunks and the fragment ids"),
-    "context": Rule(fixed=True, why="fragments and edges see it"),
+    "context": Rule(fixed=True, why="fragments see it"),
+    "edge_context": Rule(fixed=True, why="edges see it (a run from before it keeps its context)"),
     "fragment_threshold": Rule(fixed=True, why="fragments' watershed"),
     "threshold": Rule(invalidates="relabel", why="the lookup table relabel applies"),
     "thresholds": Rule(why="merge recomputes every table on every run; a table does not depend on the others"),

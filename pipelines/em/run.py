@@ -243,6 +243,8 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
                 raise InputError(f"{out} holds a run with other {', '.join(changed)}: these are fixed for a run; "
                                  "start over with --force or another -o")
             settings.extra = dict(previous.get("extra") or {})
+            if "edge_context" not in previous:  # prepared before it: the edges stage keeps the run's context
+                settings.edge_context = tuple(previous.get("context", settings.context))
         chunks = block_size
         common = dict(voxel_size=source.voxel_size, offset=source.offset, chunks=chunks)
         for stage in STAGES:

@@ -5,8 +5,9 @@ A stage declares (after funkelab/volara's ``BlockwiseTask``):
 - ``name`` (its daisy task id and ``--stage`` choice) and ``description`` (one line,
   for ``psc-segment --help`` and the stage table in docs/em.md);
 - ``blockwise``: a daisy task over the block grid, or one call on the whole run;
-- ``with_context``: whether its read region reaches the run's ``context`` past its write
-  region on each side (``context(settings)`` gives the voxels; none otherwise);
+- ``with_context``: whether its read region reaches past its write region on each side by the
+  run setting ``context_setting`` names (``context``; ``edge_context`` for edges);
+  ``context(settings)`` gives the voxels (none without context);
 - ``creates``: the arrays it writes, which :func:`psc.pipelines.em.run.prepare` creates;
 - ``chains_after``: the stage whose blocks its blocks wait for when every stage runs
   (predict -> fragments -> edges is one daisy pipeline with block dependencies);
@@ -104,10 +105,11 @@ class Stage:
     blockwise: ClassVar[bool] = True
     creates: ClassVar[tuple[Array, ...]] = ()
     with_context: ClassVar[bool] = False
+    context_setting: ClassVar[str] = "context"  # the RunSettings field that says how much
     chains_after: ClassVar[str | None] = None
 
     def context(self, settings: layout.RunSettings) -> Coordinate:
-        return Coordinate(settings.context if self.with_context else (0, 0, 0))
+        return Coordinate(getattr(settings, self.context_setting) if self.with_context else (0, 0, 0))
 
     @contextmanager
     def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
@@ -251,6 +253,8 @@ class Edges(Stage):
     description = "waterz merge score of every edge between fragments, with context"
     with_context = True
     chains_after = "fragments"
+    # more than fragments read: its merge scores depend on whole regions (layout.py)
+    context_setting = "edge_context"
 
     @contextmanager
     def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
@@ -377,7 +381,7 @@ def stage_table() -> str:
     rows = ["| stage | kind | context | creates | what |", "|---|---|---|---|---|"]
     for stage in STAGES:
         kind = "blockwise" if stage.blockwise else "global"
-        context = "the run's `context`" if stage.with_context else "none"
+        context = f"the run's `{stage.context_setting}`" if stage.with_context else "none"
         creates = ", ".join(f"`{array.name}`" for array in stage.creates) or "-"
         after = f" (chained after {stage.chains_after})" if stage.chains_after else ""
         rows.append(f"| `{stage.name}` | {kind}{after} | {context} | {creates} | {stage.description} |")
