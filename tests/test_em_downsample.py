@@ -95,3 +95,129 @@ def test_pyramid_and_level_count():
     assert level_count((132, 128, 128), (1000,) * 3) == 2  # 132 / 8 is not an integer
     assert level_count((128, 128, 128), (3, 1000, 1000)) == 2  # 3 -> 2 -> 1: nothing left to halve
     assert level_count((32, 32, 32), (40, 56, 48), min_chunk=8) == 2
+
+
+# --- the stage, in a small synthetic run ----------------------------------------------------
+
+import shutil  # noqa: E402
+
+import zarr  # noqa: E402
+
+from psc.pipelines.em import downsample as em_downsample  # noqa: E402
+from psc.pipelines.em import layout  # noqa: E402
+from psc.pipelines.em.run import prepare, run  # noqa: E402
+from psc.pipelines.em.stages import stage_named, stages_not_done  # noqa: E402
+from psc.pipelines.em.volumes import levels, open_volume  # noqa: E402
+
+from em_fixtures import synthetic_raw, tiny_weights  # noqa: E402
+
+SHAPE = (37, 45, 42)  # odd sizes: partial blocks and partial cells at the far ends
+BLOCK = (32, 32, 32)
+LEVELS = 2  # with 8-voxel chunks allowed (the default 16 would leave 1 level at 32^3 blocks)
+NAMES = (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION)
+VOXEL, OFFSET = (8.0, 8.0, 8.0), (80.0, 0.0, 16.0)  # em_fixtures.synthetic_raw's
+pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def em(tmp_path_factory):
+    """A finished serial run (all stages: relabel and downsample chained) with levels 1, 2."""
+    folder = tmp_path_factory.mktemp("em_downsample")
+    raw, _, _ = synthetic_raw(folder, shape=SHAPE)
+    weights = tiny_weights(folder)
+    out = folder / "out.zarr"
+    with pytest.MonkeyPatch.context() as patch:  # prepare fixes the levels; workers write what exists
+        patch.setattr(em_downsample, "MIN_CHUNK", 8)
+        prepare(str(raw / "raw"), out, weights, block_size=BLOCK, thresholds=(0.01, 0.5), threshold=0.01)
+    result = run(out, workers=0, progress=False)
+    assert [report.failed for report in result["stages"]] == [0] * len(result["stages"])
+    return folder, out
+
+
+def _levels(out) -> dict[str, list[np.ndarray]]:
+    group = zarr.open_group(str(out), mode="r")
+    return {name: [group[key][...] for key in levels(group, name)] for name in NAMES}
+
+
+def test_levels_have_the_shapes_dtypes_and_values_of_the_whole_array_downsampled(em):
+    _, out = em
+    settings = layout.RunSettings.load(out)
+    assert stage_named("downsample").is_done(str(out), settings)
+    found = _levels(out)
+    for name, arrays in found.items():
+        labels = name in layout.LABEL_IMAGES
+        assert len(arrays) == LEVELS + 1, name
+        expected = pyramid(arrays[0], LEVELS, labels=labels)
+        for level, (array, reference) in enumerate(zip(arrays, expected)):
+            assert array.shape[-3:] == level_shape(SHAPE, level) and array.dtype == arrays[0].dtype
+            np.testing.assert_array_equal(array, reference, err_msg=f"{name} level {level}")
+        volume = open_volume(out, name, level=2)
+        assert volume.array.chunks[-3:] == (8, 8, 8)
+        assert volume.voxel_size == (32.0, 32.0, 32.0)
+        assert volume.offset == tuple(o + 1.5 * v for o, v in zip(OFFSET, VOXEL))  # cell centres
+    assert found[layout.AFFINITIES][1].shape == (3, 19, 23, 21)
+    assert len(np.unique(found[layout.SEGMENTATION][2])) > 1 and 0 not in found[layout.FRAGMENTS][1]
+
+
+def test_multiscales_metadata_lists_every_level_with_doubled_scale_and_centred_translation(em):
+    _, out = em
+    root = zarr.open_group(str(out), mode="r")
+    for name in NAMES:
+        (entry,) = root[layout.image_group(name)].attrs["ome"]["multiscales"]
+        assert [d["path"] for d in entry["datasets"]] == ["0", "1", "2"]
+        channel = [1.0] if name == layout.AFFINITIES else []
+        for level, dataset in enumerate(entry["datasets"]):
+            scale, translation = dataset["coordinateTransformations"]
+            assert scale["scale"] == channel + [v * 2 ** level for v in VOXEL]
+            assert translation["translation"] == [0.0] * len(channel) + [
+                o + (2 ** level - 1) * v / 2 for o, v in zip(OFFSET, VOXEL)]
+    (entry,) = root.attrs["ome"]["multiscales"]
+    assert [d["path"] for d in entry["datasets"]] == ["affinities/0", "affinities/1", "affinities/2"]
+
+
+def test_ome_zarr_py_sees_the_levels_of_all_three_images(em):
+    reader = pytest.importorskip("ome_zarr.reader")
+    from ome_zarr.io import parse_url
+
+    _, out = em
+    ours = _levels(out)
+    nodes = list(reader.Reader(parse_url(str(out)))())
+    images = {node.metadata.get("name"): node for node in nodes if node.data}
+    assert set(images) == set(NAMES)
+    for name, node in images.items():
+        assert len(node.data) == LEVELS + 1, name
+        for level, data in enumerate(node.data):
+            np.testing.assert_array_equal(np.asarray(data), ours[name][level], err_msg=f"{name} {level}")
+
+
+def test_models_validate_the_pyramid(em):
+    models = pytest.importorskip("ome_zarr_models.v05")
+    _, out = em
+    root = zarr.open_group(str(out), mode="r")
+    image = models.Image.from_zarr(root)
+    assert len(image.attributes.ome.multiscales[0].datasets) == LEVELS + 1
+    models.Labels.from_zarr(root[layout.LABELS_GROUP])
+
+
+def test_stage_downsample_alone_with_2_workers_equals_the_serial_run(em):
+    folder, out = em
+    copy = folder / "two_workers.zarr"
+    shutil.copytree(out, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    for name in NAMES:  # forget the levels: zeros and no done markers
+        for key in levels(group, name)[1:]:
+            group[key][...] = 0
+    shutil.rmtree(layout.tracking_path(copy, "downsample"))
+    settings = layout.RunSettings.load(copy)
+    assert not stage_named("downsample").is_done(str(copy), settings)
+    assert stages_not_done(copy, ("downsample",), settings) == []  # relabel is done: it may run alone
+    run(copy, workers=2, progress=False, stages=("downsample",))
+    ours, theirs = _levels(out), _levels(copy)
+    for name in NAMES:
+        for level in range(LEVELS + 1):
+            np.testing.assert_array_equal(theirs[name][level], ours[name][level], err_msg=f"{name} {level}")
+
+
+def test_a_new_threshold_drops_the_downsample_markers_with_relabels():
+    stage = stage_named("downsample")
+    assert "threshold" in stage.invalidating() and stage.chains_after == "relabel"

@@ -251,6 +251,8 @@ def prepare(raw: str, out: str | Path, weights: str | Path, *, raw_name: str | N
             for array in stage.creates:
                 # the OME-Zarr image layout (layout.py); a run begun in the older flat one stays flat
                 create_run_volume(group, array.name, source.shape, array.dtype, channels=array.channels, **common)
+        for stage in STAGES:  # what depends on the run's geometry (downsample's levels)
+            stage.prepare_arrays(group, settings, source.shape, source.voxel_size, source.offset)
         settings.save(out)
     return settings
 

@@ -111,6 +111,16 @@ class Stage:
     def context(self, settings: layout.RunSettings) -> Coordinate:
         return Coordinate(getattr(settings, self.context_setting) if self.with_context else (0, 0, 0))
 
+    def invalidating(self) -> tuple[str, ...]:
+        """The settings whose change drops this stage's done markers (``layout.SETTING_RULES``;
+        a stage that derives its output from another's also follows that one's)."""
+        return layout.invalidating(self.name)
+
+    def prepare_arrays(self, group, settings: layout.RunSettings, shape, voxel_size, offset) -> None:
+        """Create arrays beyond ``creates`` whose number or geometry depend on the run (the
+        resolution levels): :func:`psc.pipelines.em.run.prepare` calls it once the declared
+        arrays exist. Default: nothing."""
+
     @contextmanager
     def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
         raise NotImplementedError(f"{self.name} is not a blockwise stage")
@@ -123,7 +133,7 @@ class Stage:
         are dropped, and then the current ones are recorded (saved) *before* any block
         runs, so every marker ever present was made with the recorded settings: an
         interrupted stage resumed with other settings redoes every block."""
-        keys = layout.invalidating(self.name)
+        keys = self.invalidating()
         if not keys:
             return
         now = {key: _plain(getattr(settings, key)) for key in keys}
@@ -154,7 +164,7 @@ class Stage:
 
         from .volumes import open_volume
 
-        keys = layout.invalidating(self.name)
+        keys = self.invalidating()
         if keys:
             made_with = (settings.extra.get("made_with") or {}).get(self.name)
             if made_with is not None and made_with != {key: _plain(getattr(settings, key)) for key in keys}:
@@ -348,7 +358,76 @@ class Relabel(Stage):
         settings.save(out)
 
 
-STAGES: tuple[Stage, ...] = (Predict(), Fragments(), Edges(), Merge(), Relabel())
+class Downsample(Stage):
+    """Levels 1..L of the affinities, fragments and segmentation images (``downsample.py``:
+    2x2x2 rounded mean for the affinities, mode for the labels), so a large run opens
+    zoomed out at once in napari and neuroglancer.
+
+    Each block of the level-0 grid reads its own write region of level 0 (no context:
+    the 2x2x2 cells of every level nest inside a block, which is a multiple of 2^L) and
+    writes its region of every level; level k's chunks are ``block / 2^k``, so each block
+    writes whole chunks and no two blocks write one. L is ``downsample.level_count``
+    (halvings while a chunk stays >= 16 voxels per axis), fixed at prepare, where the
+    level arrays are created (``prepare_arrays``); a worker writes the levels it finds.
+    Chained after relabel: a block starts once relabel's block under it is done. The
+    segmentation's levels come from relabel's output, so a new ``threshold`` drops
+    these markers as it drops relabel's. A run in the flat layout of older psc gets no
+    levels (and the stage has nothing to write)."""
+
+    name = "downsample"
+    description = "levels 1..L of every image (2x2x2 mean for affinities, mode for labels), block by block"
+    chains_after = "relabel"
+    images = (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION)
+
+    def invalidating(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(layout.invalidating("relabel") + layout.invalidating(self.name)))
+
+    def prepare_arrays(self, group, settings: layout.RunSettings, shape, voxel_size, offset) -> None:
+        from . import downsample
+        from .volumes import create_run_volume, is_flat_run, open_volume
+
+        if is_flat_run(group):
+            return
+        count = downsample.level_count(settings.block_size, shape, downsample.MIN_CHUNK)
+        for name in self.images:
+            base = open_volume(group, name)
+            size, origin = list(map(float, voxel_size)), list(map(float, offset))
+            for level in range(1, count + 1):
+                # OME-Zarr / napari / neuroglancer place a voxel by its centre: a level's
+                # voxel 0 is the centre of the 2x2x2 cell of voxels 0..1 above it
+                origin = [o + v / 2 for o, v in zip(origin, size)]
+                size = [v * 2 for v in size]
+                chunks = [b // 2 ** level for b in settings.block_size]
+                create_run_volume(group, name, downsample.level_shape(shape, level), base.array.dtype,
+                                  chunks=chunks, voxel_size=size, offset=origin, channels=base.channels,
+                                  level=level)
+
+    @contextmanager
+    def open_worker(self, worker: Worker) -> Iterator[BlockProcess]:
+        from .downsample import downsample
+        from .volumes import levels, open_container, open_volume
+
+        group = open_container(worker.out, mode="r+")
+        pyramids = []
+        for name in self.images:
+            count = len(levels(group, name))
+            pyramids.append((name in layout.LABEL_IMAGES,
+                             [open_volume(group, name, mode="r+", level=level) for level in range(count)]))
+
+        def process(read_roi: Roi, write_roi: Roi) -> None:
+            for labels, volumes in pyramids:
+                if len(volumes) < 2:
+                    continue
+                data = volumes[0].read(write_roi)
+                for level, volume in enumerate(volumes[1:], start=1):
+                    data = downsample(data, labels)
+                    region = Roi(tuple(o // 2 ** level for o in write_roi.offset), data.shape[-3:])
+                    volume.write(region, data)
+
+        yield process
+
+
+STAGES: tuple[Stage, ...] = (Predict(), Fragments(), Edges(), Merge(), Relabel(), Downsample())
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 
 
