@@ -243,7 +243,14 @@ def _run_locked(args, options, raw, out, weights, threshold, device, stages, res
             from psc.pipelines.em.qc import write_qc
 
             write_qc(out)
-    for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION, layout.GRAPH_FILE, "qc.png"):
+    from psc.pipelines.em.volumes import run_array_path
+
+    for name in (layout.AFFINITIES, layout.FRAGMENTS, layout.SEGMENTATION):
+        try:
+            console.print(f"  {run_array_path(out, name)}", highlight=False)
+        except InputError:  # not written by the stages that ran
+            pass
+    for name in (layout.GRAPH_FILE, layout.QC_FILE):
         if (Path(out) / name).exists():
             console.print(f"  {Path(out) / name}", highlight=False)
     if settings.graph:

@@ -259,15 +259,16 @@ for worker in em-worker-0 em-worker-1; do
     grep -q ": worker .* exited with code 0" "$RUN/$worker.log" || die "$worker ran no worker"
 done
 "$DOCKER" run --rm --network none -v "$RUN/data:/data" --entrypoint python "$IMAGE" -c '
-import numpy as np, zarr
-serial = zarr.open_group("/data/serial.zarr", mode="r")
-spooled = zarr.open_group("/data/spooled.zarr", mode="r")
+import numpy as np
+from psc.pipelines.em.volumes import open_volume
+def read(run, name):
+    return open_volume("/data/" + run + ".zarr", name).array[:]
 for name in ("fragments", "segmentation"):
-    assert np.array_equal(serial[name][:], spooled[name][:]), name
+    assert np.array_equal(read("serial", name), read("spooled", name)), name
 # one worker per process here, two threads in the serial run: a uint8 step at most
-steps = np.abs(serial["affinities"][:].astype(int) - spooled["affinities"][:].astype(int))
+steps = np.abs(read("serial", "affinities").astype(int) - read("spooled", "affinities").astype(int))
 assert steps.max() <= 1 and (steps > 0).mean() < 1e-3, (steps.max(), (steps > 0).sum())
-segments = len(np.unique(spooled["segmentation"][:])) - 1
+segments = len(np.unique(read("spooled", "segmentation"))) - 1
 print(f"spooled run = serial run: fragments and segmentation equal ({segments} segments), "
       "affinities within one uint8 step")'
 compose --profile em --profile mri down --remove-orphans >/dev/null 2>&1
