@@ -221,3 +221,22 @@ def test_stage_downsample_alone_with_2_workers_equals_the_serial_run(em):
 def test_a_new_threshold_drops_the_downsample_markers_with_relabels():
     stage = stage_named("downsample")
     assert "threshold" in stage.invalidating() and stage.chains_after == "relabel"
+
+
+def test_psc_napari_reader_opens_each_image_as_a_multiscale_layer(em):
+    import dask.array as da
+
+    from psc.plugins.napari._reader import read_zarr
+
+    _, out = em
+    ours = _levels(out)
+    layers = {(meta["name"] if isinstance(meta["name"], str) else meta["name"][0]): (data, meta, kind)
+              for data, meta, kind in read_zarr(out)}
+    assert sorted(kind for _, _, kind in layers.values()) == ["image", "labels", "labels"]
+    for data, meta, kind in layers.values():
+        name = meta["metadata"]["psc"]["array"]
+        assert isinstance(data, list) and all(isinstance(level, da.Array) for level in data)
+        assert meta["multiscale"] is True and meta["metadata"]["psc"]["levels"] == LEVELS + 1
+        assert list(meta["scale"]) == list(VOXEL)  # level 0's; napari scales the others by their shapes
+        for level, array in enumerate(data):
+            np.testing.assert_array_equal(np.asarray(array), ours[name][level])

@@ -82,13 +82,13 @@ def _declared_arrays(table) -> dict[str, Array]:
 
 def test_the_table_is_the_run_order_and_the_public_names():
     assert STAGE_NAMES == tuple(stage.name for stage in STAGES) == ("predict", "fragments", "edges", "merge",
-                                                                    "relabel")
+                                                                    "relabel", "downsample")
     em_stages.check_declarations()
     assert [stage.name for stage in STAGES if not stage.blockwise] == ["merge"]
     assert [stage.name for stage in STAGES if stage.with_context] == ["fragments", "edges"]
     # every stage chained, in order, when all run; each on its own otherwise
     assert [[s.name for s in group] for group in em_run._groups(STAGE_NAMES)] == [
-        ["predict", "fragments", "edges"], ["merge"], ["relabel"]]
+        ["predict", "fragments", "edges"], ["merge"], ["relabel", "downsample"]]
     assert [[s.name for s in group] for group in em_run._groups(("relabel", "predict", "fragments"))] == [
         ["predict"], ["fragments"], ["relabel"]]
     assert stage_named("edges") is STAGES[2] and stage_named("nonsense") is None

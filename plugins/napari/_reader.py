@@ -16,6 +16,10 @@ read until a slice is shown), placed in nanometres by its ``voxel_size`` and ``o
 raw as an image, affinities as three channels (z, y, x), fragments, segmentation and
 labels as Labels. A layer records the image's name (``metadata["psc"]["array"]``), not
 where the run keeps it, and opens it through ``volumes.open_volume`` (``volumes.locate``).
+A run's image with resolution levels (the downsample stage's ``1..L``) opens as a
+multiscale layer: a list of lazy arrays, level 0 first, which napari reads at the level
+that fits the screen, so a volume of hundreds of GB opens zoomed out without reading
+level 0 (docs/napari.md, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -200,28 +204,52 @@ def em_layer(container: str | os.PathLike, name: str, run: str | os.PathLike | N
     container = Path(container)
     volume = open_volume(container, name)
     data = da.from_zarr(volume.array)
+    lower = _lower_levels(container, name)
+    base = data
+    if lower:  # napari's multiscale data: level 0 first; it places the levels by their shapes
+        data = [data, *(da.from_zarr(array) for array in lower)]
     psc = {"kind": "em", "path": str(container), "array": name}
     if run is not None:
         psc["run"] = str(run)
     spatial = {"scale": tuple(volume.voxel_size), "translate": tuple(volume.offset), "units": "nm",
                "axis_labels": ("z", "y", "x"), "metadata": {"psc": psc}}
+    if lower:
+        spatial["multiscale"] = True
+        psc["levels"] = 1 + len(lower)
     title = layer_name or name
     if volume.channels:
         channels = volume.channels
         axes = AFFINITY_AXES if channels == 3 else tuple(f"c{i}" for i in range(channels))
-        limits = (0.0, 255.0) if data.dtype == np.uint8 else (0.0, 1.0)
+        limits = (0.0, 255.0) if base.dtype == np.uint8 else (0.0, 1.0)
         return (data, {**spatial, "name": [f"{title} {axis}" for axis in axes], "channel_axis": 0,
                        "colormap": list(AFFINITY_COLOURS) if channels == 3 else None,
                        "contrast_limits": [limits] * channels, "blending": "additive",
                        "visible": name != "affinities"}, "image")
-    if np.issubdtype(data.dtype, np.integer) and (name in LABEL_ARRAYS or data.dtype.itemsize >= 4):
+    if np.issubdtype(base.dtype, np.integer) and (name in LABEL_ARRAYS or base.dtype.itemsize >= 4):
         return (data, {**spatial, "name": title, "opacity": 0.5, "visible": name != "fragments"}, "labels")
     meta = {**spatial, "name": title, "colormap": "gray"}
-    if data.dtype == np.uint8:  # known range: napari need not scan a huge array for it
+    if base.dtype == np.uint8:  # known range: napari need not scan a huge array for it
         meta["contrast_limits"] = (0.0, 255.0)
-    elif data.dtype == np.uint16:
+    elif base.dtype == np.uint16:
         meta["contrast_limits"] = (0.0, 65535.0)
     return (data, meta, "image")
+
+
+def _lower_levels(container: Path, name: str) -> list:
+    """Levels 1..L of the run's image ``name`` in ``container`` (OME layout,
+    ``volumes.levels``); empty for a single-level image, an input container's array, a
+    flat-layout run or anything psc cannot read as a group."""
+    import zarr
+
+    from psc.pipelines.em.volumes import levels
+
+    try:
+        node = open_node(container)
+        if not isinstance(node, zarr.Group):
+            return []
+        return [node[key] for key in levels(node, name)[1:]]
+    except Exception:  # a name that is no image (ValueError from layout), a foreign container
+        return []
 
 
 def em_run_layers(out: str | os.PathLike) -> list[LayerData]:
