@@ -179,6 +179,11 @@ def test_zarr_writer_writes_psc_layout_from_a_lazy_layer(tmp_path, em_run):
     np.testing.assert_array_equal(volume.array[:], np.asarray(data))
     with pytest.raises(ValueError, match="nii.gz"):
         write_labels(str(tmp_path / "x.tif"), data, meta)
+    # a multiscale layer (a run with downsample levels) is saved at level 0
+    levels = [data, np.asarray(data)[::2, ::2, ::2]]
+    write_labels(str(tmp_path / "multi.zarr"), levels, {**meta, "multiscale": True})
+    np.testing.assert_array_equal(open_volume(tmp_path / "multi.zarr", "proofread_segmentation").array[:],
+                                  np.asarray(data))
 
 
 # --- scoring --------------------------------------------------------------------------

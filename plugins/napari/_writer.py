@@ -99,7 +99,11 @@ def write_zarr_labels(path: str, data: Any, meta: dict) -> list[str]:
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
-    """The npe2 single-layer writer command for Labels."""
+    """The npe2 single-layer writer command for Labels. A multiscale layer (a run's
+    downsample levels) is saved at full resolution, its level 0: the levels are what the
+    downsample stage makes from it, not edits of their own."""
+    if isinstance(data, (list, tuple)):
+        data = data[0]
     lower = str(path).lower().rstrip("/")
     if lower.endswith(".zarr"):
         return write_zarr_labels(str(path).rstrip("/"), data, meta)
