@@ -15,7 +15,7 @@ from psc.models.shipped import ShippedWeights
 from psc.pipelines.em.layout import default_output
 from psc.pipelines.em.options import FALLBACK_THRESHOLD, EMRunOptions
 from psc.pipelines.options import option_default
-from psc.utils.errors import NO_SPACE_MARKERS, InputError, disk_full_error, is_disk_full
+from psc.utils.errors import NO_SPACE_MARKERS, InputError, disk_full_error, io_error_on_full_disk, is_disk_full
 
 EM_GROUP = "EM pipeline (RAW.zarr inputs)"
 
@@ -106,12 +106,12 @@ def run_em(args: argparse.Namespace, inputs: list[Path], console: Console) -> in
         return _run_locked(args, options, raw, out, weights, threshold, device, stages, resuming, started,
                            console, graph)
     except BaseException as error:
-        if not is_disk_full(error):
+        if not is_disk_full(error, out):
             raise
         # a full disk surfaces as OSError, SQLite's "disk is full", a panic of daisy's
         # scheduler or failed blocks: one line whichever it is; what was written stays
         # consistent (done markers only for finished blocks), so the same command resumes
-        print(f"psc-segment: error: {out}: no space left on device ({_reason(error)}); free some space "
+        print(f"psc-segment: error: {out}: no space left on device ({_reason(error, out)}); free some space "
               "and run the same command again to resume", file=sys.stderr)
         if type(error).__name__ == "PanicException":
             _stop_workers()
@@ -169,11 +169,11 @@ def _stop_workers(wait_s: float = 10.0) -> None:
         os.close(saved)
 
 
-def _reason(error: BaseException) -> str:
+def _reason(error: BaseException, out: str | Path | None = None) -> str:
     """The full disk in the error's own words, short: a file and the system's message
     for an ``OSError``; else the part of the message ("; "-separated, as a run error
     lists its stages) that names the full disk."""
-    found = disk_full_error(error) or error
+    found = disk_full_error(error) or (io_error_on_full_disk(error, out) if out is not None else None) or error
     if isinstance(found, OSError) and found.strerror:
         return f"{found.filename}: {found.strerror}" if found.filename else found.strerror
     parts = " ".join(str(found).split()).split("; ")
@@ -216,7 +216,7 @@ def _run_locked(args, options, raw, out, weights, threshold, device, stages, res
                                precision=options.precision, workers=max(1, options.workers), force=options.force,
                                graph=graph)
         except OSError as error:
-            if is_disk_full(error):
+            if is_disk_full(error, out):
                 raise
             raise InputError(f"{out}: cannot write here ({error.strerror or error})") from None
         if args.stage:  # a resumed run: are the stages this subset reads done (for the settings now)?
@@ -229,7 +229,7 @@ def _run_locked(args, options, raw, out, weights, threshold, device, stages, res
             result = run(out, workers=options.workers, worker_command=options.worker_command, host=options.host,
                          stages=stages, spool=options.spool)
         except EMRunError as error:
-            if is_disk_full(error):  # blocks failed for want of space: the one disk-full line (run_em)
+            if is_disk_full(error, out):  # blocks failed for want of space: the one disk-full line (run_em)
                 raise
             print(f"psc-segment: error: {error}", file=sys.stderr)
             return 1

@@ -281,3 +281,28 @@ def test_a_threshold_outside_zero_one_is_refused_before_any_work(case, capsys, o
     line = _one_error_line(capsys)
     assert option[0] in line and "[0, 1]" in line, line
     assert not out.exists()
+
+
+def test_an_io_error_on_a_full_disk_is_the_full_disk(tmp_path, monkeypatch):
+    """SQLite reports some full disks as "disk I/O error" (SQLITE_IOERR): that counts as
+    a full disk only while the output's file system really has (almost) no space."""
+    import shutil
+    import sqlite3
+
+    from psc.utils import errors
+
+    io_error = sqlite3.OperationalError("disk I/O error")
+    io_error.sqlite_errorcode = 778  # SQLITE_IOERR_WRITE
+    wrapped = RuntimeError("stage failed")
+    wrapped.__cause__ = io_error
+    out = tmp_path / "missing" / "out.zarr"  # the nearest existing folder is asked
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    assert errors.io_error_on_full_disk(wrapped, out) is io_error and errors.is_disk_full(wrapped, out)
+    assert not errors.is_disk_full(wrapped)  # without the output's path: not recognised
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**30))
+    assert errors.io_error_on_full_disk(wrapped, out) is None and not errors.is_disk_full(wrapped, out)
+    other = sqlite3.OperationalError("no such table: edges")
+    other.sqlite_errorcode = 1  # SQLITE_ERROR: never a full disk
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=0))
+    assert errors.io_error_on_full_disk(other, out) is None

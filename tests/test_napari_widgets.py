@@ -17,6 +17,8 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 from display import needs_display  # noqa: E402
 
+from psc.pipelines.em import stages as em_stages  # noqa: E402
+
 
 pytestmark = needs_display
 
@@ -160,7 +162,7 @@ def test_segment_em_adds_the_runs_segmentation(make_napari_viewer, qtbot, em_run
     np.testing.assert_allclose(segmentation.translate, (0, 16, 16))
     assert segmentation.metadata["psc"]["run"] == str(tmp_path / "cube_psc.zarr")
     assert np.asarray(segmentation.data).max() >= 1
-    assert widget.bar.value == widget.bar.max == 5  # one step per stage
+    assert widget.bar.value == widget.bar.max == len(em_stages.STAGES)  # one step per stage
 
 
 def test_segment_em_shows_the_runs_warnings(make_napari_viewer, qtbot, em_run, tmp_path):
