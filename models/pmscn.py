@@ -46,18 +46,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .conv_args import triple
+
 # Stream planes in the order the API promises: the 2D kernel shape and the axis
 # (0 = depth/z, 1 = height/y, 2 = width/x) its 1D convolution runs along.
 STREAM_AXES = (0, 1, 2)
-
-
-def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        return (value, value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 3:
-        raise ValueError(f"expected an int or three ints, got {value}")
-    return value  # type: ignore[return-value]
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -172,7 +165,7 @@ class PmSCn(nn.Module):
 
         self.in_channels, self.out_channels = in_channels, out_channels
         self.m, self.n, self.kernel_size = m, n, kernel_size
-        self.stride = _triple(stride)
+        self.stride = triple(stride, "stride")
         self.padding = padding
         total_mid = subspace_width(in_channels, out_channels, kernel_size, m) if mid_channels is None else mid_channels
         if total_mid < m:
