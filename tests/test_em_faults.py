@@ -111,7 +111,11 @@ def test_workers_exit_when_the_scheduler_is_killed(tmp_path, how):
         time.sleep(2)
         assert _log_bytes(out) == size and size < 256 * 1024, f"the logs hold {size} bytes"
         logged = "".join(p.read_text(errors="replace") for p in (out / ".logs").rglob("*.err"))
-        assert "lost the scheduler" in logged and logged.count("Broken pipe") <= 4, logged[-2000:]
+        # killed mid-block, the worker's release fails and it says so once; killed while the
+        # worker waits for a block, daisy's client answers "no block" (its end-of-work
+        # signal) and the worker leaves silently. Either way: no retry loop in the log.
+        assert logged.count("Broken pipe") <= 4, logged[-2000:]
+        assert "lost the scheduler" in logged or "block failed" not in logged, logged[-2000:]
     finally:
         for pid in _group(scheduler.pid):
             os.kill(pid, signal.SIGKILL)

@@ -542,7 +542,11 @@ def serve(function: BlockFunction) -> None:
     :class:`SchedulerLost` instead, after one log line, and the process exits. A block
     still being computed when the scheduler dies is finished first (it is only a few
     seconds) and its release is what fails; its done marker is never written, so the
-    resumed run redoes it.
+    resumed run redoes it. A scheduler that dies while the worker waits for its next
+    block is not an error to daisy's client: it answers "no block" over the closed
+    stream, exactly as at the normal end of a task (where the client disconnects
+    first too, so ``client.connected`` cannot tell the two apart), and the worker
+    leaves at once without a log line; either way it exits.
     """
     import logging
 
