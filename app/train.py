@@ -87,6 +87,9 @@ def _em_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
     p.add_argument("--long-range", nargs="*", type=int, default=default("long_range"),
                    help="distances (voxels) of the auxiliary long-range affinity targets; --long-range alone: none")
+    p.add_argument("--lsd-sigma", type=float, default=default("lsd_sigma"),
+                   help="> 0: train local shape descriptors (Sheridan et al. 2022) as auxiliary targets, "
+                   "Gaussian window sigma in voxels (pipelines/em/lsd.py); 0: none")
     p.add_argument("--augmentation", choices=AUGMENTATIONS, default=default("augmentation"),
                    help="full: section defects, elastic, flips/transposes, contrast/gamma/noise/blur "
                    "(pipelines/em/augment.py); basic: flips, transposes and mild intensity changes")

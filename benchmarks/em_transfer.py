@@ -145,7 +145,8 @@ def main() -> None:
                     entry[f"quantile{q}"] = summary(scores(segment_affinities(nearest, VARIANT_THRESHOLDS,
                                                                               scoring=scoring), gt), None)
                 if card.out_channels > 3 and importlib.util.find_spec("mwatershed"):  # pip install mwatershed
-                    entry["mutex"] = summary(scores(mutex_segmentations(affinities, offsets_of(card)), gt), None)
+                    offsets = offsets_of(card)  # shape-descriptor channels (if any) come after these
+                    entry["mutex"] = summary(scores(mutex_segmentations(affinities[:len(offsets)], offsets), gt), None)
             entry["seconds"] = time.time() - started
             results["models"][model_name]["regions"][name] = entry
             m = entry["mean"]

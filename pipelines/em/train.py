@@ -14,11 +14,14 @@ deformation, flips and transposes, intensity) *before* the affinity targets are 
 so targets always match the augmented labels. Targets: the nearest-neighbour affinities
 the pipeline segments, plus long-range affinities at ``long_range`` distances as
 auxiliary outputs (they make the network see more of each object's shape; Lee et al.
-2017, arXiv:1706.00120; Wolf et al. 2018, the mutex watershed). Loss: binary
-cross-entropy weighted so that boundary and non-boundary edges of each channel count
-equally, label-0 interior masked. Every ``val_every`` iterations each volume's held-out
-region is segmented with the full post-processing; the threshold with the lowest mean VI
-over the volumes is that validation's threshold, and that mean VI selects the checkpoint.
+2017, arXiv:1706.00120; Wolf et al. 2018, the mutex watershed), and, with ``lsd_sigma``,
+the ten local shape descriptors of ``lsd`` (Sheridan et al. 2022) as further auxiliary
+outputs. Loss: binary cross-entropy weighted so that boundary and non-boundary edges of
+each channel count equally, label-0 interior masked; plus, for the descriptors, their
+squared error summed over the ten channels and averaged over object voxels. Every
+``val_every`` iterations each volume's held-out region is segmented with the full
+post-processing; the threshold with the lowest mean VI over the volumes is that
+validation's threshold, and that mean VI selects the checkpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from ..training import Panel, Run, SamplerHooks, warmup_cosine
 from .affinities import affinities_from_labels, balance_weights, channel_names, known_pairs, long_range_offsets
 from .augment import RECIPES, AugmentConfig, Augmenter
 from .intensity import measure
+from .lsd import CHANNELS as LSD_CHANNELS
+from .lsd import local_shape_descriptors, window_radius
 from .metrics import evaluate
 from .normalise import DEFAULT_NORMALISATION, normaliser
 from .postprocess import segment_affinities
@@ -75,6 +80,7 @@ class EMTrainConfig:
     normalisation: str = DEFAULT_NORMALISATION  # raw -> network input (psc.pipelines.em.normalise), onto the card
     long_range: list = field(default_factory=lambda: list(LONG_RANGE))  # [] : nearest-neighbour targets only
     augmentation: str = "full"  # full: augment.AugmentConfig; basic: flips, transposes, mild intensity
+    lsd_sigma: float = 0.0  # > 0: local shape descriptors (lsd.py) as auxiliary targets, window sigma in voxels
 
     def __post_init__(self) -> None:
         self.raw = [self.raw] if isinstance(self.raw, str) else list(self.raw)
@@ -86,10 +92,17 @@ class EMTrainConfig:
             raise InputError(f"augmentation {self.augmentation!r}: one of {', '.join(AUGMENTATIONS)}")
         if any(int(d) < 2 for d in self.long_range):
             raise InputError(f"long-range distances must be 2 voxels or more (got {self.long_range})")
+        if not self.lsd_sigma >= 0:
+            raise InputError(f"--lsd-sigma must be 0 (no shape descriptors) or positive (got {self.lsd_sigma})")
 
     @property
     def offsets(self) -> tuple[tuple[int, int, int], ...]:
         return long_range_offsets(tuple(int(d) for d in self.long_range))
+
+    @property
+    def out_channels(self) -> int:
+        """Affinity channels, then the ten shape descriptors when they are trained."""
+        return len(self.offsets) + (len(LSD_CHANNELS) if self.lsd_sigma else 0)
 
 
 def held_out_split(shape: tuple[int, ...], fraction: float, grid: int = 4) -> tuple[Roi, Roi]:
@@ -124,12 +137,13 @@ class TrainingVolume:
 
 
 class Sampler:
-    """Random augmented training crops with their affinity targets, from the training
-    regions of the volumes."""
+    """Random augmented training crops with their affinity targets (and, with
+    ``lsd_sigma``, shape-descriptor targets after them), from the training regions of the
+    volumes."""
 
     def __init__(self, volumes: list[TrainingVolume], out_size: int, context: int, seed: int,
                  normalisation: str = DEFAULT_NORMALISATION, offsets=long_range_offsets(()),
-                 augmentation: AugmentConfig = AugmentConfig()):
+                 augmentation: AugmentConfig = AugmentConfig(), lsd_sigma: float = 0.0):
         self.volumes = volumes
         self.normalise = [normaliser(normalisation, v.intensity) for v in volumes]
         weights = np.sqrt([float(np.prod(v.train_roi.shape)) for v in volumes])
@@ -138,6 +152,13 @@ class Sampler:
         # labels reach this far before the output crop, so every edge has both voxels
         self.margin = max(1, max(-min(o) for o in offsets))
         self.augmentation = augmentation
+        self.lsd_sigma = float(lsd_sigma)
+        # a descriptor's window reaches this far past the output: labels are read there too
+        self.lsd_reach = window_radius(lsd_sigma) if lsd_sigma else 0
+        if self.lsd_reach > context:
+            raise InputError(f"--lsd-sigma {lsd_sigma}: its window ({self.lsd_reach} voxels each side) reaches "
+                             f"past the network's context ({context} voxels); use a sigma of at most "
+                             f"{context / 3:.1f}")
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -151,15 +172,21 @@ class Sampler:
         label_roi = Roi(begin, (size,) * 3)
         input_roi = label_roi.grow((self.context,) * 3, (self.context,) * 3)
         raw = self.normalise[index](read_clamped(volume.raw, input_roi))
-        labels = read_clamped(volume.labels, label_roi)
+        reach = self.lsd_reach  # 0 without shape descriptors: labels of the output crop only
+        read_roi = label_roi.grow((reach,) * 3, (reach,) * 3)
+        labels = read_clamped(volume.labels, read_roi)
         # voxels mirrored in from outside the training region have no trustworthy label
         inside = np.zeros(labels.shape, bool)
-        inside_roi = label_roi.intersect(roi) - label_roi.offset
+        inside_roi = read_roi.intersect(roi) - read_roi.offset
         inside[inside_roi.to_slices()] = True
         big_labels = np.zeros(raw.shape, np.int64)
         c = self.context
-        big_labels[c:c + size, c:c + size, c:c + size] = np.where(inside, labels.astype(np.int64) + 1, 0)
+        r = (slice(c - reach, c + size + reach),) * 3
+        big_labels[r] = np.where(inside, labels.astype(np.int64) + 1, 0)
         raw, big_labels = Augmenter(self.rng, self.augmentation)(raw, big_labels)
+        if self.lsd_sigma:
+            # objects are the data's labels > 0 (0 = boundary and unknown voxels get none)
+            descriptors, lsd_mask = local_shape_descriptors(np.maximum(big_labels[r] - 1, 0), self.lsd_sigma)
         labels = big_labels[c:c + size, c:c + size, c:c + size]
         known = labels > 0
         labels = labels - 1  # back to the data's labels; -1 = unknown
@@ -168,8 +195,32 @@ class Sampler:
         m = self.margin
         crop = (slice(None), slice(m, None), slice(m, None), slice(m, None))
         target, mask = target[crop], mask[crop]
+        weight = balance_weights(target, mask)
+        if self.lsd_sigma:
+            out = (slice(None), *(slice(reach + m, reach + size),) * 3)
+            lsd_target = descriptors[out]
+            lsd_weight = np.broadcast_to(lsd_mask[None, reach + m:reach + size, reach + m:reach + size,
+                                                  reach + m:reach + size], lsd_target.shape)
+            target = np.concatenate([target, lsd_target])
+            mask = np.concatenate([mask, lsd_weight])
+            weight = np.concatenate([weight, lsd_weight])
         return (np.ascontiguousarray(raw[m:, m:, m:]), np.ascontiguousarray(target), np.ascontiguousarray(mask),
-                balance_weights(target, mask))
+                np.ascontiguousarray(weight))
+
+
+def training_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
+                  affinity_channels: int) -> torch.Tensor:
+    """The loss of a batch (``Sampler.sample``'s arrays, stacked): balanced binary
+    cross-entropy over the first ``affinity_channels`` channels per known edge, plus, when
+    shape-descriptor channels follow, their squared error summed over the ten channels and
+    averaged over object voxels (so it weighs about as much as the affinities' term)."""
+    n = affinity_channels
+    loss = F.binary_cross_entropy(prediction[:, :n].clamp(1e-6, 1 - 1e-6), target[:, :n], weight=weight[:, :n],
+                                  reduction="sum") / mask[:, :n].sum().clamp(min=1)
+    if prediction.shape[1] > n:
+        squared = (weight[:, n:] * (prediction[:, n:] - target[:, n:]) ** 2).sum()
+        loss = loss + squared / weight[:, n].sum().clamp(min=1)
+    return loss
 
 
 def validate(model: torch.nn.Module, volumes: list[TrainingVolume], normalisation: str = DEFAULT_NORMALISATION) -> dict:
@@ -206,10 +257,10 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
     atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(cfg), indent=2)))
     volumes = [TrainingVolume.open(r, l, cfg.val_fraction) for r, l in zip(cfg.raw, cfg.labels)]
     offsets = cfg.offsets
-    model = build_model("unet3d", conv=cfg.conv, out_channels=len(offsets), **cfg.options)
+    model = build_model("unet3d", conv=cfg.conv, out_channels=cfg.out_channels, **cfg.options)
     context = int(AffinityPredictor.from_model(model, cfg.normalisation, volumes[0].intensity).context[0])
     sampler = Sampler(volumes, cfg.out_size, context, cfg.seed, cfg.normalisation, offsets,
-                      RECIPES[cfg.augmentation])
+                      RECIPES[cfg.augmentation], cfg.lsd_sigma)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = warmup_cosine(optimizer, cfg.iterations)  # cosine, no warm-up
 
@@ -233,9 +284,7 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
     def train_step() -> float:
         batch = [sampler.sample() for _ in range(cfg.batch)]
         x, target, mask, weight = (torch.from_numpy(np.stack(parts)) for parts in zip(*batch))
-        prediction = model(x[:, None])
-        loss = F.binary_cross_entropy(prediction.clamp(1e-6, 1 - 1e-6), target, weight=weight, reduction="sum")
-        loss = loss / mask.sum().clamp(min=1)
+        loss = training_loss(model(x[:, None]), target, mask, weight, len(offsets))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -258,18 +307,23 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
     if cfg.export:
         best_result = json.loads((out / "best.json").read_text())
         card = ModelCard(
-            backbone="unet3d", conv=cfg.conv, options=cfg.options, in_channels=1, out_channels=len(offsets),
+            backbone="unet3d", conv=cfg.conv, options=cfg.options, in_channels=1, out_channels=cfg.out_channels,
             task="nearest-neighbour affinities (z, y, x) of FIB-SEM neuron boundaries"
                  + (f", long-range affinities at {', '.join(map(str, cfg.long_range))} voxels (training targets)"
-                    if cfg.long_range else ""),
-            labels=channel_names(offsets), orientation="zyx", spacing=tuple(volumes[0].raw.voxel_size),
+                    if cfg.long_range else "")
+                 + (f", local shape descriptors at sigma {cfg.lsd_sigma:g} voxels (training targets)"
+                    if cfg.lsd_sigma else ""),
+            labels={**channel_names(offsets),
+                    **({len(offsets) + i: name for i, name in enumerate(LSD_CHANNELS)} if cfg.lsd_sigma else {})},
+            orientation="zyx", spacing=tuple(volumes[0].raw.voxel_size),
             normalisation=cfg.normalisation, kind=EM_AFFINITY,
             training={"data": cfg.data_source, "terms": cfg.data_terms,
                       "volumes": [{"raw": v.name, "labels": l, "voxel_size": list(v.raw.voxel_size),
                                    "train_roi": str(v.train_roi), "val_roi": str(v.val_roi)}
                                   for v, l in zip(volumes, cfg.labels)],
                       "iterations": cfg.iterations, "batch": cfg.batch, "out_size": cfg.out_size, "lr": cfg.lr,
-                      "seed": cfg.seed, "long_range": list(cfg.long_range), "augmentation": cfg.augmentation,
+                      "seed": cfg.seed, "long_range": list(cfg.long_range), "lsd_sigma": cfg.lsd_sigma,
+                      "augmentation": cfg.augmentation,
                       "augment_config": asdict(RECIPES[cfg.augmentation])},
             metrics={"val_iteration": best_result["iteration"], "val_best_threshold": best_result["best_threshold"],
                      "val_voi": best_result["voi"], "val_per_volume": best_result.get("per_volume", {}),

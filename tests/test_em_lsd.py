@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from psc.models.weights import load_weights
+from psc.pipelines.em.intensity import measure
 from psc.pipelines.em.lsd import CHANNELS, local_shape_descriptors, window_radius
 from psc.pipelines.em.predict import AffinityPredictor
 from psc.pipelines.em.train import EMTrainConfig, Sampler, TrainingVolume, train, training_loss
@@ -163,8 +164,8 @@ def test_training_with_descriptors_exports_a_card_that_names_them(tmp_path):
     assert [card.labels[i] for i in (0, 5, 6, 15)] == ["affinity z", "affinity x at 3", "lsd size",
                                                        "lsd covariance yx"]
     assert "shape descriptors" in card.task
-    predictor = AffinityPredictor(tmp_path / "w.pt", intensity=None)
     volume = open_volume(str(raw / "raw"))
+    predictor = AffinityPredictor(tmp_path / "w.pt", intensity=measure(volume)[0])
     roi = volume.roi
     assert predictor.predict(volume, roi).shape == (3, *roi.shape)
     assert predictor.predict(volume, roi, all_channels=True).shape == (16, *roi.shape)
