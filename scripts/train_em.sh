@@ -15,7 +15,8 @@
 #   scripts/train_em.sh lovo-fib25-histeq       # lovo-fib25, histogram equalisation for the percentiles
 #   scripts/train_em.sh lovo-fib25-basic-aug    # lovo-fib25, basic augmentation only
 #   scripts/train_em.sh lovo-fib25-no-long-range  # lovo-fib25, nearest-neighbour targets only
-# (the last three: one recipe choice each against lovo-fib25, measured on NeuroProof)
+#   scripts/train_em.sh lovo-fib25-lsd          # lovo-fib25 plus local shape descriptors (sigma 5 voxels)
+# (histeq to lsd: one recipe choice each against lovo-fib25, measured on NeuroProof)
 # Same recipe and budget for every run (docs/results-em.md); ITERATIONS overrides 2500
 # only for a new run (the cosine schedule depends on it).
 set -euo pipefail
@@ -43,8 +44,9 @@ case "$RUN" in
     lovo-fib25-histeq) RAW="$FIB"; LABELS="$FIB_L"; EXTRA=(--normalisation histogram-equalisation) ;;
     lovo-fib25-basic-aug) RAW="$FIB"; LABELS="$FIB_L"; EXTRA=(--augmentation basic) ;;
     lovo-fib25-no-long-range) RAW="$FIB"; LABELS="$FIB_L"; EXTRA=(--long-range) ;;
+    lovo-fib25-lsd) RAW="$FIB"; LABELS="$FIB_L"; EXTRA=(--lsd-sigma 5) ;;
     *) echo "error: unknown run '$RUN' (lovo-fib25, lovo-neuroproof, shipped, conv3d, shipped-long, conv3d-long, lovo-fib25-long," \
-            "lovo-fib25-old-recipe, lovo-fib25-histeq, lovo-fib25-basic-aug, lovo-fib25-no-long-range)" >&2; exit 2 ;;
+            "lovo-fib25-old-recipe, lovo-fib25-histeq, lovo-fib25-basic-aug, lovo-fib25-no-long-range, lovo-fib25-lsd)" >&2; exit 2 ;;
 esac
 FOLDER=em-$RUN
 OUT=runs/$FOLDER

@@ -70,6 +70,18 @@ def test_descriptors_equal_the_explicit_window_sums(sigma):
     assert not descriptors[:, labels == 0].any()  # no descriptor on boundary voxels
 
 
+
+def test_descriptors_of_a_region_are_those_of_the_whole_array_there():
+    """The sampler asks only for its output crop; the windows still read labels around it."""
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 6, (14, 16, 15)).repeat(2, axis=1)[:, :16]  # blocky objects, label 0 among them
+    whole, whole_mask = local_shape_descriptors(labels, 1.5)
+    region = (slice(4, 10), slice(3, 13), slice(5, 15))
+    part, part_mask = local_shape_descriptors(labels, 1.5, region)
+    np.testing.assert_allclose(part, whole[(slice(None), *region)], atol=2e-5)
+    np.testing.assert_array_equal(part_mask, whole_mask[region])
+    np.testing.assert_allclose(part, _brute_force(labels, 1.5)[(slice(None), *region)], atol=2e-5)
+
 def test_descriptors_describe_the_shape():
     sigma = 2.0
     # a slab thin along z and wide along y and x: variance small along z, large along x

@@ -186,7 +186,9 @@ class Sampler:
         raw, big_labels = Augmenter(self.rng, self.augmentation)(raw, big_labels)
         if self.lsd_sigma:
             # objects are the data's labels > 0 (0 = boundary and unknown voxels get none)
-            descriptors, lsd_mask = local_shape_descriptors(np.maximum(big_labels[r] - 1, 0), self.lsd_sigma)
+            # only on the output voxels the targets keep (after the edge margin)
+            wanted = (slice(reach + self.margin, reach + size),) * 3
+            lsd_target, lsd_mask = local_shape_descriptors(np.maximum(big_labels[r] - 1, 0), self.lsd_sigma, wanted)
         labels = big_labels[c:c + size, c:c + size, c:c + size]
         known = labels > 0
         labels = labels - 1  # back to the data's labels; -1 = unknown
@@ -197,10 +199,7 @@ class Sampler:
         target, mask = target[crop], mask[crop]
         weight = balance_weights(target, mask)
         if self.lsd_sigma:
-            out = (slice(None), *(slice(reach + m, reach + size),) * 3)
-            lsd_target = descriptors[out]
-            lsd_weight = np.broadcast_to(lsd_mask[None, reach + m:reach + size, reach + m:reach + size,
-                                                  reach + m:reach + size], lsd_target.shape)
+            lsd_weight = np.broadcast_to(lsd_mask[None], lsd_target.shape)
             target = np.concatenate([target, lsd_target])
             mask = np.concatenate([mask, lsd_weight])
             weight = np.concatenate([weight, lsd_weight])
