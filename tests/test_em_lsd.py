@@ -186,3 +186,10 @@ def test_training_with_descriptors_exports_a_card_that_names_them(tmp_path):
 def test_lsd_sigma_must_not_be_negative(tmp_path):
     with pytest.raises(InputError, match="lsd-sigma"):
         EMTrainConfig(raw="a", labels="b", out=str(tmp_path), lsd_sigma=-1.0)
+
+
+def test_body_ids_in_the_trillions_give_the_same_descriptors():
+    """Ground-truth body ids are large and sparse; the objects, not the ids, decide."""
+    labels = np.random.default_rng(3).integers(0, 5, (12, 14, 13)).repeat(2, axis=0)[:12]
+    sparse = np.where(labels > 0, labels.astype(np.int64) * 10**12 + 7, 0)
+    np.testing.assert_array_equal(local_shape_descriptors(sparse, 1.5)[0], local_shape_descriptors(labels, 1.5)[0])

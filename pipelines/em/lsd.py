@@ -20,7 +20,8 @@ there, and that carries over to volumes with other contrast better than boundari
 
 Computed here per object on its bounding box grown by the window (a separable Gaussian
 by ``scipy.ndimage.correlate1d``, zero outside the array, so the window does not count
-voxels that were not seen), in float32, in voxel units: ``sigma`` is in voxels of the training volume.
+voxels that were not seen), in float32, in voxel units: ``sigma`` is in voxels of the
+training volume.
 Label 0 (boundary / background) and negative labels (unknown) get no descriptor; their
 mask is 0. Our own implementation, after the paper (``lsds`` on PyPI pins zarr 2).
 """
@@ -59,13 +60,16 @@ def local_shape_descriptors(labels: np.ndarray, sigma: float,
         raise ValueError(f"sigma must be positive, got {sigma}")
     region = tuple(slice(0, n) for n in labels.shape) if region is None else \
         tuple(slice(*r.indices(n)[:2]) for r, n in zip(region, labels.shape))
+    # objects numbered 1..n (0: no object): find_objects lists every id up to the
+    # largest, and body ids of real ground truth run into the millions
+    ids, dense = np.unique(np.where(labels > 0, labels, 0), return_inverse=True)
+    labels = dense.reshape(labels.shape) + (0 if ids[0] == 0 else 1)
     wanted = labels[region]
-    shape = wanted.shape
-    out = np.zeros((len(CHANNELS), *shape), np.float32)
+    out = np.zeros((len(CHANNELS), *wanted.shape), np.float32)
     mask = (wanted > 0).astype(np.float32)
     radius = window_radius(sigma)
     kernel = _gaussian_kernel(sigma, radius)
-    boxes = ndimage.find_objects(np.where(labels > 0, labels, 0).astype(np.int64))
+    boxes = ndimage.find_objects(labels)
     for label in np.unique(wanted[wanted > 0]):
         box = boxes[int(label) - 1]
         # the object's voxels inside the region, and every voxel whose window reaches them
