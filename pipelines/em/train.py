@@ -275,7 +275,8 @@ def train(cfg: EMTrainConfig, resume: bool = False, stop_after: int | None = Non
     voi = ("val_voi", "val_voi_split", "val_voi_merge")
     run = Run(out, model, optimizer, scheduler, hooks,
               columns=["iteration", "train_loss", *voi, "val_rand_error", "val_best_threshold", "seconds"],
-              panels=[Panel({"train_loss": "train loss (balanced BCE)"}),
+              panels=[Panel({"train_loss": "train loss (balanced BCE"
+                                           + (" + shape-descriptor MSE)" if cfg.lsd_sigma else ")")}),
                       Panel({k: k.replace("val_", "") for k in voi}, "validation VI (bits, best threshold)")],
               higher_is_better=False, score_name="VI", on_best=write_best)
     run.start(resume)
