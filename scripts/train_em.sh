@@ -19,7 +19,8 @@
 #   scripts/train_em.sh lovo-fib25-lsd          # lovo-fib25 plus local shape descriptors (sigma 5 voxels)
 # (histeq to lsd: one recipe choice each against lovo-fib25, measured on NeuroProof)
 # Same recipe and budget for every run (docs/results-em.md); ITERATIONS overrides 2500
-# only for a new run (the cosine schedule depends on it).
+# only for a new run (the cosine schedule depends on it). THREADS (default 1) sets torch's
+# threads, e.g. THREADS=2 when this is the machine's only job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?run name: lovo-fib25, lovo-neuroproof, shipped or conv3d}
@@ -76,8 +77,9 @@ fi
 ITER=${ITERATIONS:-$DEFAULT_ITERATIONS}
 [ -f "$OUT/config.json" ] && ITER=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/config.json'))['iterations'])")
 echo "=== $(date -u +%FT%TZ) start/resume, commit $(git rev-parse --short HEAD)" >> "$OUT/train.log"
-OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup setsid .venv/bin/psc-train em --raw $RAW --labels $LABELS \
-    --out "$OUT" --conv $CONV --iterations "$ITER" --val-every 250 --threads 1 "${RESUME[@]}" "${EXTRA[@]}" \
+THREADS=${THREADS:-1}
+OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS nohup setsid .venv/bin/psc-train em --raw $RAW --labels $LABELS \
+    --out "$OUT" --conv $CONV --iterations "$ITER" --val-every 250 --threads "$THREADS" "${RESUME[@]}" "${EXTRA[@]}" \
     --export "runs/weights/em_unet3d_$RUN.pt" \
     --data-source "FIB-25 (janelia-flyem gala test data; Takemura et al. 2015) and/or NeuroProof training_sample2 (janelia-flyem neuroproof_examples; Parag et al. 2015), as listed under training.volumes" \
     --data-terms "FIB-25 crops: BSD-like (HHMI); NeuroProof: CC BY 3.0, attribute the Janelia FlyEM project" \
