@@ -11,7 +11,7 @@ run: tests assert blockwise = in-memory), then
 - the same fragments with waterz's quantile scoring (median, 75th percentile);
 - mutex watershed (``mwatershed``, Wolf et al. 2018; not a psc dependency: measured and
   dropped, docs/results-em.md) for models with long-range affinities when it is
-  installed, over a sweep of the long-range bias;
+  installed, over a grid of nearest-neighbour and long-range biases;
 
 and the naive baseline (smoothed raw, seeded watershed) tuned on each region itself, so
 it is flattered. Every model's threshold comes from its card; ``--pick-threshold``
@@ -55,20 +55,27 @@ from psc.pipelines.em.volumes import open_volume
 REGIONS = {"fib25": ("fib25.zarr", "fib25"), "fib25-tiny": ("fib25-tiny.zarr", "fib25"),
            "neuroproof": ("neuroproof.zarr", "neuroproof")}
 VARIANT_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # quantile scores run lower
-LR_BIASES = (-0.4, -0.3, -0.2, -0.1, 0.0)
+ADJACENT_BIASES = (0.0, 0.1, 0.2, 0.3)  # positive: nearest-neighbour edges attract more readily
+LR_BIASES = (-0.4, -0.2, 0.0, 0.2)  # negative: long-range edges repel more readily
 BASELINE_GRID = {"sigma": (0.5, 1.0, 2.0), "seed_quantile": (0.5, 0.7, 0.9), "min_distance": (8, 16, 24, 32)}
 
 
-def mutex_segmentations(affinities: np.ndarray, offsets: list, biases=LR_BIASES) -> dict[float, np.ndarray]:
-    """Mutex watershed of all channels: weight = affinity - 0.5, plus ``bias`` on the
-    long-range channels (negative: long-range edges repel more readily)."""
+def mutex_segmentations(affinities: np.ndarray, offsets: list, adjacent_biases=ADJACENT_BIASES,
+                        long_range_biases=LR_BIASES) -> dict[str, np.ndarray]:
+    """Mutex watershed of all channels, weight = affinity - 0.5 + a bias per edge kind,
+    over a grid of the nearest-neighbour bias and the long-range one (keys
+    ``"adjacent +0.1, long-range -0.2"``). Both directions are swept: an over-split
+    result asks for a positive adjacent bias, an over-merged one for a negative
+    long-range bias."""
     import mwatershed
 
     out = {}
-    for bias in biases:
+    for adjacent, long_range in itertools.product(adjacent_biases, long_range_biases):
         weights = affinities.astype(np.float64) - 0.5
-        weights[3:] += bias
-        out[bias] = mwatershed.agglom(weights, [list(o) for o in offsets]).astype(np.uint64)
+        weights[:3] += adjacent
+        weights[3:] += long_range
+        key = f"adjacent {adjacent:+g}, long-range {long_range:+g}"
+        out[key] = mwatershed.agglom(weights, [list(o) for o in offsets]).astype(np.uint64)
     return out
 
 
@@ -79,7 +86,7 @@ def offsets_of(card: ModelCard) -> tuple[tuple[int, int, int], ...]:
 
 
 def scores(segmentations: dict, gt: np.ndarray) -> dict:
-    return {float(k): evaluate(s, gt) for k, s in segmentations.items()}
+    return {(k if isinstance(k, str) else float(k)): evaluate(s, gt) for k, s in segmentations.items()}
 
 
 def summary(per_threshold: dict, default: float | None) -> dict:
@@ -184,7 +191,7 @@ def print_tables(results: dict) -> None:
             trained = lovo_sample(name) or "see card"
             unseen = " (unseen sample)" if lovo_sample(name) and lovo_sample(name) != REGIONS[region][1] else ""
             q = " / ".join(f"{e[k]['best_voi']:.3f}" for k in ("quantile50", "quantile75") if e.get(k))
-            mx = f"{e['mutex']['best_voi']:.3f} (bias {e['mutex']['best']:g})" if e.get("mutex") else "-"
+            mx = f"{e['mutex']['best_voi']:.3f} ({e['mutex']['best']})" if e.get("mutex") else "-"
             print(f"| {region}{unseen} | {name} | {trained} | {m['default']:g} | {m['default_split']:.3f} | "
                   f"{m['default_merge']:.3f} | {m['default_voi']:.3f} | {m['best']:g} | {m['best_voi']:.3f} | "
                   f"{q or '-'} | {mx} |")
