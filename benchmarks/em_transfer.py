@@ -69,9 +69,10 @@ def mutex_segmentations(affinities: np.ndarray, offsets: list, adjacent_biases=A
     long-range bias."""
     import mwatershed
 
+    unbiased = affinities.astype(np.float64) - 0.5
     out = {}
     for adjacent, long_range in itertools.product(adjacent_biases, long_range_biases):
-        weights = affinities.astype(np.float64) - 0.5
+        weights = unbiased.copy()
         weights[:3] += adjacent
         weights[3:] += long_range
         key = f"adjacent {adjacent:+g}, long-range {long_range:+g}"
