@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default="", help="write every number here")
     parser.add_argument("--no-variants", action="store_true", help="only the pipeline's scoring (faster)")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(VAL_THRESHOLDS),
+                        help="waterz thresholds of the pipeline's scoring (default: training's validation grid)")
     parser.add_argument("--include", nargs="*", default=[],
                         help="--json files of earlier runs (same regions): their models join the tables")
     args = parser.parse_args()
@@ -144,7 +146,7 @@ def main() -> None:
             predictor = AffinityPredictor(weights, intensity=intensity)
             affinities = predictor.predict(raw, val_roi, all_channels=True)
             nearest = np.ascontiguousarray(affinities[:3])
-            mean_scores = scores(segment_affinities(nearest, VAL_THRESHOLDS), gt)
+            mean_scores = scores(segment_affinities(nearest, tuple(args.thresholds)), gt)
             entry = {"mean": summary(mean_scores, default),
                      "per_threshold": {str(t): v for t, v in mean_scores.items()}}
             if not args.no_variants:

@@ -45,7 +45,8 @@ def _pipeline_vi(tmp_path: Path, raw: np.ndarray, labels: np.ndarray, block=(32,
     gt = create_volume(tmp_path / "raw.zarr", "labels", labels.shape, "uint64", block, (8, 8, 8))
     gt.write(gt.roi, labels)
     out = tmp_path / "out.zarr"
-    prepare(str(tmp_path / "raw.zarr" / "raw"), out, DEFAULT_EM_WEIGHTS, block_size=block, workers=1)
+    prepare(str(tmp_path / "raw.zarr" / "raw"), out, DEFAULT_EM_WEIGHTS, block_size=block, workers=1,
+            threshold=threshold_for(load_weights(DEFAULT_EM_WEIGHTS)[1]))
     run(out, workers=0, progress=False)
     return evaluate_run(str(out), str(tmp_path / "raw.zarr" / "labels"), progress=False)
 
@@ -59,8 +60,10 @@ def test_shipped_em_model_beats_the_baseline_on_synthetic_cells(tmp_path):
 
 
 def _default_threshold_vi(results: dict) -> float:
+    """VI at the card's default threshold, which the run stored (prepare(threshold=...))."""
     card = load_weights(DEFAULT_EM_WEIGHTS)[1]
-    return results[min(results, key=lambda t: abs(float(t) - threshold_for(card)))]["voi"]
+    (vi,) = [row["voi"] for t, row in results.items() if abs(float(t) - threshold_for(card)) < 1e-9]
+    return vi
 
 
 @pytest.mark.skipif(not FIB25.exists(), reason="needs ../shared/data/fib25")
