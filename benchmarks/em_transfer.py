@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--no-variants", action="store_true", help="only the pipeline's scoring (faster)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(VAL_THRESHOLDS),
                         help="waterz thresholds of the pipeline's scoring (default: training's validation grid)")
+    parser.add_argument("--plot", default="", help="draw the table here (PNG): VI split + merge per model and region")
     parser.add_argument("--include", nargs="*", default=[],
                         help="--json files of earlier runs (same regions): their models join the tables")
     args = parser.parse_args()
@@ -169,6 +170,8 @@ def main() -> None:
         for name, model in json.loads(Path(earlier).read_text())["models"].items():
             results["models"].setdefault(name, model)
     print_tables(results)
+    if args.plot:
+        plot_tables(results, Path(args.plot))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))
 
@@ -208,6 +211,38 @@ def print_tables(results: dict) -> None:
                 per_t.setdefault(float(t), []).append(v["voi"])
         for t in sorted(per_t):
             print(f"  t={t:g}: mean VI {np.mean(per_t[t]):.3f}")
+
+
+def plot_tables(results: dict, path: Path) -> None:
+    """One panel per test region: each model's VI at its card's threshold as split (below)
+    + merge (above), hatched where the region is a sample the model never saw, a dot at
+    its VI at the region's best threshold, and the tuned naive watershed as a dashed line."""
+    from matplotlib.figure import Figure
+
+    regions = list(next(iter(results["models"].values()))["regions"])
+    names = list(results["models"])
+    figure = Figure(figsize=(4.2 * len(regions), 4.2), layout="constrained")
+    axes = figure.subplots(1, len(regions), sharey=True, squeeze=False)[0]
+    for ax, region in zip(axes, regions):
+        for i, name in enumerate(names):
+            m = results["models"][name]["regions"][region]["mean"]
+            unseen = bool(lovo_sample(name)) and lovo_sample(name) != REGIONS[region][1]
+            hatch = "//" if unseen else None
+            ax.bar(i, m["default_split"], color="tab:blue", hatch=hatch, edgecolor="white",
+                   label="VI split" if i == 0 else None)
+            ax.bar(i, m["default_merge"], bottom=m["default_split"], color="tab:orange", hatch=hatch,
+                   edgecolor="white", label="VI merge" if i == 0 else None)
+            ax.plot(i, m["best_voi"], "ko", markersize=4, label="VI at the best threshold" if i == 0 else None)
+        baseline = results["baseline"].get(region)
+        if baseline:
+            ax.axhline(baseline["voi"], color="grey", linestyle="--", label="naive watershed (tuned here)")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"held-out region of {region}", fontsize=10)
+    axes[0].set_ylabel("VI at the card's threshold (bits)")
+    axes[0].legend(fontsize=7, loc="upper left")
+    figure.suptitle("EM models on held-out regions (hatched: a sample the model never saw)", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
