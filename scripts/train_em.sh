@@ -12,6 +12,8 @@
 #   scripts/train_em.sh lovo-neuroproof-long  # lovo-neuroproof at 10000 iterations (spans sessions)
 #   scripts/train_em.sh conv3d-long      # its conv3d twin at the same 10000 iterations
 #   scripts/train_em.sh shipped-long-seed1  # shipped-long again with seed 1: the seed-to-seed spread
+#   scripts/train_em.sh shipped-wide     # shipped at 16 feature maps: P2SC2 at conv3d's parameter count
+#                                        # (655,775 against 622,545), 2500 iterations like conv3d
 #   scripts/train_em.sh lovo-fib25-old-recipe  # lovo-fib25 with the recipe before issue 15
 #                                        # (dtype scaling, basic augmentation, no long-range targets)
 #   scripts/train_em.sh lovo-fib25-histeq       # lovo-fib25, histogram equalisation for the percentiles
@@ -42,6 +44,8 @@ case "$RUN" in
     shipped-long) RAW="$FIB $NP"; LABELS="$FIB_L $NP_L"; DEFAULT_ITERATIONS=10000 ;;
     conv3d-long) RAW="$FIB $NP"; LABELS="$FIB_L $NP_L"; CONV=conv3d; DEFAULT_ITERATIONS=10000 ;;
     shipped-long-seed1) RAW="$FIB $NP"; LABELS="$FIB_L $NP_L"; DEFAULT_ITERATIONS=10000; EXTRA=(--seed 1) ;;
+    shipped-wide) RAW="$FIB $NP"; LABELS="$FIB_L $NP_L"
+        EXTRA=(--options '{"num_fmaps": 16, "fmap_inc_factor": 3, "downsample_factors": [[2, 2, 2], [2, 2, 2]]}') ;;
     lovo-fib25-long) RAW="$FIB"; LABELS="$FIB_L"; DEFAULT_ITERATIONS=10000 ;;
     lovo-neuroproof-long) RAW="$NP"; LABELS="$NP_L"; DEFAULT_ITERATIONS=10000 ;;
     lovo-fib25-old-recipe) RAW="$FIB"; LABELS="$FIB_L"
@@ -50,7 +54,7 @@ case "$RUN" in
     lovo-fib25-basic-aug) RAW="$FIB"; LABELS="$FIB_L"; EXTRA=(--augmentation basic) ;;
     lovo-fib25-no-long-range) RAW="$FIB"; LABELS="$FIB_L"; EXTRA=(--long-range) ;;
     lovo-fib25-lsd) RAW="$FIB"; LABELS="$FIB_L"; EXTRA=(--lsd-sigma 5) ;;
-    *) echo "error: unknown run '$RUN' (lovo-fib25, lovo-neuroproof, shipped, conv3d, shipped-long, conv3d-long, shipped-long-seed1, lovo-fib25-long, lovo-neuroproof-long," \
+    *) echo "error: unknown run '$RUN' (lovo-fib25, lovo-neuroproof, shipped, conv3d, shipped-long, conv3d-long, shipped-long-seed1, shipped-wide, lovo-fib25-long, lovo-neuroproof-long," \
             "lovo-fib25-old-recipe, lovo-fib25-histeq, lovo-fib25-basic-aug, lovo-fib25-no-long-range, lovo-fib25-lsd)" >&2; exit 2 ;;
 esac
 FOLDER=em-$RUN
