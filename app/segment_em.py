@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(em, "--workers", type=int, default=default("workers"),
                help="worker processes per stage (0: in this process)")
     add_option(em, "--threshold", type=float, help="agglomeration threshold of the written segmentation",
-               default=f"the model card's default_threshold (the shipped model's: chosen on the "
+               default=f"the threshold the model card chose for transfer (the shipped model's: on the "
                f"leave-one-volume-out rows), else its best validation threshold, else {FALLBACK_THRESHOLD:g}")
     add_option(em, "--thresholds", type=float, nargs="+", default=default("thresholds"),
                help="thresholds whose lookup tables are stored")
