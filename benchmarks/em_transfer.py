@@ -147,7 +147,9 @@ def main() -> None:
             predictor = AffinityPredictor(weights, intensity=intensity)
             affinities = predictor.predict(raw, val_roi, all_channels=True)
             nearest = np.ascontiguousarray(affinities[:3])
-            mean_scores = scores(segment_affinities(nearest, tuple(args.thresholds)), gt)
+            # the card's own threshold always scored, as prepare() stores it beside the grid
+            thresholds = tuple(sorted({float(t) for t in args.thresholds} | {float(default)}))
+            mean_scores = scores(segment_affinities(nearest, thresholds), gt)
             entry = {"mean": summary(mean_scores, default),
                      "per_threshold": {str(t): v for t, v in mean_scores.items()}}
             if not args.no_variants:
@@ -182,6 +184,12 @@ def lovo_sample(model_name: str) -> str | None:
     return next((s for s in samples if model_name in (f"lovo-{s}",) or model_name.startswith(f"lovo-{s}-")), None)
 
 
+def unseen(model_name: str, region: str) -> bool:
+    """Whether ``region`` is of a sample the leave-one-volume-out model never saw."""
+    sample = lovo_sample(model_name)
+    return sample is not None and sample != REGIONS[region][1]
+
+
 def print_tables(results: dict) -> None:
     print("\n| test region | model | trained on | default t | VI split | VI merge | VI | best t | VI at best "
           "| quantile 50 / 75 (best) | mutex (best) |")
@@ -195,14 +203,14 @@ def print_tables(results: dict) -> None:
             e = model["regions"][region]
             m = e["mean"]
             trained = lovo_sample(name) or "see card"
-            unseen = " (unseen sample)" if lovo_sample(name) and lovo_sample(name) != REGIONS[region][1] else ""
+            tag = " (unseen sample)" if unseen(name, region) else ""
             q = " / ".join(f"{e[k]['best_voi']:.3f}" for k in ("quantile50", "quantile75") if e.get(k))
             mx = f"{e['mutex']['best_voi']:.3f} ({e['mutex']['best']})" if e.get("mutex") else "-"
-            print(f"| {region}{unseen} | {name} | {trained} | {m['default']:g} | {m['default_split']:.3f} | "
+            print(f"| {region}{tag} | {name} | {trained} | {m['default']:g} | {m['default_split']:.3f} | "
                   f"{m['default_merge']:.3f} | {m['default_voi']:.3f} | {m['best']:g} | {m['best_voi']:.3f} | "
                   f"{q or '-'} | {mx} |")
     lovo = [(name, region) for name, model in results["models"].items() for region in model["regions"]
-            if lovo_sample(name) and lovo_sample(name) != REGIONS[region][1]]
+            if unseen(name, region)]
     if lovo:
         print("\nthreshold with the lowest mean VI over the leave-one-volume-out rows (waterz, mean scoring):")
         per_t = {}
@@ -226,8 +234,7 @@ def plot_tables(results: dict, path: Path) -> None:
     for ax, region in zip(axes, regions):
         for i, name in enumerate(names):
             m = results["models"][name]["regions"][region]["mean"]
-            unseen = bool(lovo_sample(name)) and lovo_sample(name) != REGIONS[region][1]
-            hatch = "//" if unseen else None
+            hatch = "//" if unseen(name, region) else None
             ax.bar(i, m["default_split"], color="tab:blue", hatch=hatch, edgecolor="white",
                    label="VI split" if i == 0 else None)
             ax.bar(i, m["default_merge"], bottom=m["default_split"], color="tab:orange", hatch=hatch,
